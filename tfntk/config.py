@@ -1,0 +1,46 @@
+"""Gin set-up: which modules define configurables, parsing with clear errors, saving the config.
+
+Only plain `import gin` is used: `gin.tf` imports `tf.estimator`, which TensorFlow 2.16 and
+newer no longer ship.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import gin
+
+from tfntk import storage
+
+
+class ConfigError(ValueError):
+    """A gin file or binding is missing, unknown or malformed."""
+
+
+def register_configurables() -> None:
+    """Imports every module that defines a gin configurable, so bindings can be checked."""
+    # pylint: disable=import-outside-toplevel,unused-import
+    from tfntk.experiments import main_job  # noqa: F401
+    from tfntk.training import loop  # noqa: F401
+
+
+def parse(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
+    """Parses gin files then bindings; raises ConfigError with gin's message on any problem.
+
+    Unknown configurables and parameters, malformed values and missing files are all reported
+    here, before any training.
+    """
+    register_configurables()
+    for path in gin_files:
+        if not storage.exists(path):
+            raise ConfigError(f"Gin file not found: {path}; pass an existing file to --gin_file (presets are in gin/).")
+    try:
+        gin.parse_config_files_and_bindings(list(gin_files), list(gin_params), finalize_config=False)
+    except (ValueError, KeyError, SyntaxError, TypeError, IOError) as error:
+        message = " ".join(str(error).split())
+        raise ConfigError(f"Invalid gin configuration: {message}") from error
+
+
+def save_operative_config(path: str) -> None:
+    """Writes gin's operative config (every parameter actually used, with its value)."""
+    storage.write_text_atomic(path, gin.operative_config_str())

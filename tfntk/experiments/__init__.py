@@ -1,0 +1,1 @@
+"""Protocols that compose training and measures and write the run directory's tables."""

@@ -1,0 +1,71 @@
+r"""Command line: parse gin files and bindings, then run the main job in a run directory.
+
+    python -m tfntk.run --gin_file gin/digits_quick.gin \
+        [--gin_file more.gin ...] [--gin_param 'TrainingConfig.epochs = 4' ...] [--run_dir DIR]
+
+Rerunning the same command on an existing run directory resumes it. Exit status: 0 on success,
+2 for an invalid configuration (nothing is trained), 1 when a run fails (the message names the
+value and the fix; snapshots already stored are kept).
+"""
+
+from __future__ import annotations
+
+import logging as python_logging
+import os
+import shlex
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin config file; repeat to layer several, later ones win.")
+flags.DEFINE_multi_string("gin_param", [], "Gin binding such as 'TrainingConfig.epochs = 4'; applied after the files.")
+flags.DEFINE_string(
+    "run_dir", None, "Run directory; default runs/<stem of the last --gin_file>. An existing one is resumed."
+)
+
+EXIT_INVALID_CONFIG = 2
+EXIT_RUN_FAILED = 1
+
+
+def default_run_dir(gin_files: list[str]) -> str:
+    if not gin_files:
+        return os.path.join("runs", "default")
+    stem = os.path.splitext(os.path.basename(gin_files[-1]))[0]
+    return os.path.join("runs", stem)
+
+
+def _fail(code: int, message: str) -> None:
+    logging.error("%s", message)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(EXIT_INVALID_CONFIG, f"Unexpected arguments {argv[1:]}; use --gin_file, --gin_param and --run_dir.")
+
+    # TensorFlow's own INFO lines (SavedModel writing, checkpoint sharding) would bury progress.
+    python_logging.getLogger("tensorflow").setLevel(python_logging.WARNING)
+
+    # Imported here so that --help stays fast and flag errors come before TensorFlow loads.
+    from tfntk import config  # pylint: disable=import-outside-toplevel
+    from tfntk.experiments import main_job  # pylint: disable=import-outside-toplevel
+
+    try:
+        config.parse(FLAGS.gin_file, FLAGS.gin_param)
+    except config.ConfigError as error:
+        _fail(EXIT_INVALID_CONFIG, str(error))
+
+    run_dir = FLAGS.run_dir or default_run_dir(FLAGS.gin_file)
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "tfntk.run"] + sys.argv[1:])
+    try:
+        main_job.main_job(run_dir=run_dir, command=command)
+    except main_job.InvalidSettingError as error:
+        _fail(EXIT_INVALID_CONFIG, str(error))
+    except main_job.RUN_ERRORS as error:
+        _fail(EXIT_RUN_FAILED, " ".join(str(error).split()))
+
+
+if __name__ == "__main__":
+    app.run(main)

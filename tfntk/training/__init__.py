@@ -1,0 +1,1 @@
+"""Training loop, learning-rate schedules, snapshots and spawning of children."""
