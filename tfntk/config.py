@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import tokenize
+
 import gin
 
 from tfntk import storage
@@ -36,7 +38,7 @@ def parse(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
             raise ConfigError(f"Gin file not found: {path}; pass an existing file to --gin_file (presets are in gin/).")
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_params), finalize_config=False)
-    except (ValueError, KeyError, SyntaxError, TypeError, IOError) as error:
+    except (ValueError, KeyError, SyntaxError, TypeError, IOError, tokenize.TokenError) as error:
         message = " ".join(str(error).split())
         raise ConfigError(f"Invalid gin configuration: {message}") from error
 

@@ -82,10 +82,17 @@ def main_job(
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     run = storage.RunDir(run_dir)
-    data = datasets.load_dataset(dataset, data_dir=data_dir, seed=seed)
-    training = loop.TrainingConfig()
-    job = common.Job(run, data, training, model, dict(model_kwargs or {}), seed, loop.make_strategy(strategy))
-    spawn_steps = _validate(job, spawn_epochs, num_children, barrier_alphas)
+    data = datasets.load_dataset(dataset, data_dir=data_dir, seed=seed) if dataset in datasets.DATASET_NAMES else None
+    try:
+        if data is None:
+            raise ValueError(f"Unknown main_job.dataset {dataset!r}; use one of {', '.join(datasets.DATASET_NAMES)}.")
+        training = loop.TrainingConfig()
+        training.validate(data.num_train)
+        job = common.Job(run, data, training, model, dict(model_kwargs or {}), seed, loop.make_strategy(strategy))
+        job.new_model()
+        spawn_steps = _validate(job, spawn_epochs, num_children, barrier_alphas)
+    except (ValueError, TypeError) as error:
+        raise InvalidSettingError(" ".join(str(error).split())) from error
     job.extra_snapshot_steps = tuple(spawn_steps)
 
     storage.makedirs(run_dir)
@@ -124,10 +131,6 @@ def _validate(job: "common.Job", spawn_epochs, num_children: int, barrier_alphas
         raise InvalidSettingError(f"Invalid main_job.num_children {num_children}; use 2 or more to compare children.")
     if barrier_alphas < 2:
         raise InvalidSettingError(f"Invalid main_job.barrier_alphas {barrier_alphas}; use 2 or more (the ends).")
-    try:
-        job.training.validate(job.data.num_train)
-    except ValueError as error:
-        raise InvalidSettingError(str(error)) from error
     steps = sorted({int(round(float(e) * job.steps_per_epoch)) for e in spawn_epochs})
     return steps
 

@@ -71,6 +71,13 @@ class TrainingConfig:
 
     def validate(self, num_train_examples: int) -> None:
         """Raises ValueError naming the first invalid setting and how to fix it."""
+        numbers = ("learning_rate", "momentum", "weight_decay", "lr_drop_factor", "epochs", "batch_size")
+        for name in numbers:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"Invalid TrainingConfig.{name} {value!r}; use a number.")
+        if not isinstance(self.batch_size, int):
+            raise ValueError(f"Invalid TrainingConfig.batch_size {self.batch_size!r}; use a whole number.")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"Invalid TrainingConfig.optimizer {self.optimizer!r}; use 'sgd' or 'adam'.")
         if not self.learning_rate > 0:

@@ -1,0 +1,120 @@
+"""The command line and the main job: end to end, resume, and rejection of bad input."""
+
+import os
+import subprocess
+import sys
+
+import gin
+import pandas as pd
+import pytest
+
+from tfntk import config, storage
+from tfntk.experiments import main_job
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = sorted(f for f in os.listdir(os.path.join(REPO, "gin")) if f.endswith(".gin"))
+
+TINY_BINDINGS = [
+    "main_job.dataset = 'synthetic'",
+    "main_job.model = 'mlp'",
+    "main_job.model_kwargs = {'hidden': (16,)}",
+    "main_job.spawn_epochs = (0.0, 1.0)",
+    "TrainingConfig.epochs = 2.0",
+    "TrainingConfig.batch_size = 32",
+    "TrainingConfig.learning_rate = 0.05",
+    "TrainingConfig.snapshot_schedule = ((1.0, 0.5),)",
+]
+
+
+@pytest.fixture(autouse=True)
+def clear_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_parse(preset):
+    config.parse([os.path.join(REPO, "gin", preset)], [])
+    assert gin.query_parameter("main_job.dataset") in ("digits", "mnist1d", "cifar10", "cifar100")
+
+
+def test_main_job_end_to_end_and_resume(tmp_path):
+    run_dir = str(tmp_path / "run")
+    config.parse([], TINY_BINDINGS)
+    main_job.main_job(run_dir=run_dir, command="test")
+    run = storage.RunDir(run_dir)
+
+    barriers = storage.read_csv(run.table("error_barrier"))
+    assert set(barriers["pair"]) == {"children", "parents"}
+    assert set(barriers["split"]) == {"test", "train"}
+    assert len(barriers) == 2 * 3
+    distances = storage.read_csv(run.table("pair_distance"))
+    assert set(distances["measure"]) >= {"function_space_distance", "weight_l2_distance"}
+    curves = storage.read_csv(run.table("learning_curves"))
+    assert set(curves["role"]) == {"parent", "child"}
+    assert os.path.exists(run.figure("basin_fate", "png"))
+    assert os.path.exists(run.figure("basin_fate", "pdf"))
+    assert os.path.isdir(os.path.join(run_dir, "parents", "0", "saved_model", "epoch_002"))
+    assert os.listdir(run.tensorboard("parent_0"))
+    assert "TrainingConfig.epochs = 2.0" in storage.read_text(run.config_gin)
+    assert storage.read_text(run.command_txt) == "test\n"
+
+    before = {name: storage.read_csv(run.table(name)) for name in ("error_barrier", "pair_distance")}
+    main_job.main_job(run_dir=run_dir, command="test")
+    for name, table in before.items():
+        pd.testing.assert_frame_equal(table, storage.read_csv(run.table(name)))
+
+
+def _run_cli(tmp_path, *arguments, environment=None):
+    env = dict(os.environ, PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="", **(environment or {}))
+    command = [sys.executable, "-m", "tfntk.run", "--run_dir", str(tmp_path / "run")] + list(arguments)
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    """A run directory with a file in it, which a rejected command must leave as it is."""
+    marker = tmp_path / "run" / "tables" / "kept.csv"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("value\n1\n")
+    return marker
+
+
+BAD_INPUTS = [
+    (["--gin_file", "gin/no_such_preset.gin"], 2, "Gin file not found: gin/no_such_preset.gin"),
+    (["--gin_param", "NoSuchConfigurable.value = 1"], 2, "NoSuchConfigurable"),
+    (["--gin_param", "TrainingConfig.no_such_parameter = 1"], 2, "no_such_parameter"),
+    (["--gin_param", "TrainingConfig.epochs = (1"], 2, "Invalid gin configuration"),
+    (["--gin_param", "TrainingConfig.epochs = 'ten'"], 2, "Invalid TrainingConfig.epochs 'ten'"),
+    (["--gin_param", "main_job.spawn_epochs = (50.0,)"], 2, "Invalid spawn epoch 50.0"),
+    (["--gin_param", "main_job.dataset = 'imagenet'"], 2, "Unknown main_job.dataset 'imagenet'"),
+    (["--gin_param", "main_job.model = 'vgg'"], 2, "vgg"),
+]
+
+
+@pytest.mark.parametrize("arguments, status, message", BAD_INPUTS)
+def test_bad_input_rejected(tmp_path, existing_run, arguments, status, message):
+    if "--gin_file" not in arguments:
+        arguments = ["--gin_file", "gin/digits_quick.gin"] + arguments
+    result = _run_cli(tmp_path, *arguments)
+    assert result.returncode == status, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, result.stderr[-2000:]
+    assert message in error_lines[0]
+    assert sorted(os.listdir(tmp_path / "run")) == ["tables"]
+    assert existing_run.read_text() == "value\n1\n"
+
+
+def test_missing_cifar_explains_preparation(tmp_path, existing_run):
+    empty = tmp_path / "tfds"
+    empty.mkdir()
+    result = _run_cli(
+        tmp_path, "--gin_file", "gin/resnet20_cifar10.gin", environment={"TFDS_DATA_DIR": str(empty)}
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1
+    assert str(empty) in error_lines[0]
+    assert "download_and_prepare" in error_lines[0]
+    assert existing_run.read_text() == "value\n1\n"
