@@ -38,6 +38,7 @@ class Job:
     seed: int
     strategy: tf.distribute.Strategy
     extra_snapshot_steps: tuple = ()
+    child_snapshot_every_epochs: Optional[float] = 1.0 / 3.0
 
     def __post_init__(self):
         self.trainer = loop.Trainer(self.data, self.training, self.strategy)
@@ -59,6 +60,18 @@ class Job:
             self.training.snapshot_every_epochs_after,
         )
         return sorted(set(steps) | set(self.extra_snapshot_steps))
+
+    def child_snapshot_steps(self) -> list[int]:
+        """The parent's snapshot steps plus one every `child_snapshot_every_epochs`.
+
+        The regular grid lets children of one spawn epoch be compared at the same steps while
+        they train (every third of an epoch by default).
+        """
+        steps = set(self.snapshot_steps())
+        if self.child_snapshot_every_epochs:
+            count = int(np.floor(self.total_steps / (self.child_snapshot_every_epochs * self.steps_per_epoch) + 1e-9))
+            steps.update(int(round(i * self.child_snapshot_every_epochs * self.steps_per_epoch)) for i in range(count + 1))
+        return sorted(s for s in steps if s <= self.total_steps)
 
     def parent_paths(self, index: int) -> storage.RunPaths:
         return self.run.parent(index)
@@ -90,7 +103,7 @@ class Job:
             init_seed=0,
             data_seed=derive_seed(self.seed, 2, spawn_step, child),
             final_step=self.total_steps,
-            snapshot_steps=[s for s in self.snapshot_steps() if s >= spawn_step],
+            snapshot_steps=[s for s in self.child_snapshot_steps() if s >= spawn_step],
             init_checkpoint=self.checkpoint_at(parent, spawn_step),
         )
         self.trainer.train_run(spec)

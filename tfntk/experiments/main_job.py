@@ -26,7 +26,7 @@ from tfntk import storage
 from tfntk.data import datasets
 from tfntk.experiments import common
 from tfntk.measures import basins, evaluation
-from tfntk.reporting import figures
+from tfntk.reporting import figures, html, tensorboard
 from tfntk.training import loop
 from tfntk.training.snapshots import CorruptCheckpointError
 
@@ -111,10 +111,13 @@ def main_job(
     logging.info("Phase: basin measures (error barriers, function-space and weight distances)")
     _measure_basins(job, spawn_steps, num_children, np.linspace(0.0, 1.0, barrier_alphas), barrier_train_examples)
 
-    logging.info("Phase: learning curves and figures")
-    common.write_learning_curves(job, spawn_steps, num_children)
-    figures.draw_all(run_dir)
+    logging.info("Phase: learning curves, TensorBoard summaries, figures and report")
+    curves = common.write_learning_curves(job, spawn_steps, num_children)
     tfntk_config.save_operative_config(run.config_gin)
+    tensorboard.write_hparams(run_dir, curves)
+    tensorboard.write_text(run_dir, "parent_0", "config/operative_gin", _markdown_code(storage.read_text(run.config_gin)))
+    figures.draw_all(run_dir)
+    html.write_report(run_dir)
     logging.info("Main job finished in %.1f s; tables in %s", time.time() - started, storage.join(run_dir, "tables"))
 
 
@@ -174,3 +177,8 @@ def _measure_basins(job, spawn_steps, num_children, alphas, barrier_train_exampl
     storage.write_csv_atomic(run.table("interpolation"), pd.DataFrame(curve_rows))
     storage.write_csv_atomic(run.table("pair_distance"), pd.DataFrame(distance_rows))
     storage.write_csv_atomic(run.table("error_barrier"), pd.DataFrame(barrier_rows))
+
+
+def _markdown_code(text: str) -> str:
+    """Indents text so TensorBoard's markdown renderer shows it as a code block."""
+    return "\n".join("    " + line for line in text.splitlines())

@@ -111,10 +111,23 @@ def draw_basin_fate(run_dir: str) -> bool:
     return True
 
 
+# Modules under tfntk.reporting with a `draw(run_dir) -> list[str]` for one measurement stage.
+STAGE_FIGURE_MODULES = ()
+
+
 def draw_all(run_dir: str) -> list[str]:
     """Draws every figure whose tables exist; returns their names."""
+    # pylint: disable=import-outside-toplevel
+    import importlib
+
+    from tfntk.reporting import integrated
+
     drawn = []
-    for name, draw in (("basin_fate", draw_basin_fate),):
+    for name, draw in (("basin_fate", draw_basin_fate), ("integrated", integrated.draw_integrated),
+                       ("appendix", integrated.draw_appendix)):
         if draw(run_dir):
             drawn.append(name)
+    for module_name in STAGE_FIGURE_MODULES:
+        module = importlib.import_module(f"tfntk.reporting.{module_name}")
+        drawn.extend(module.draw(run_dir))
     return drawn
