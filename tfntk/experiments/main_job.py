@@ -111,14 +111,34 @@ def main_job(
     logging.info("Phase: basin measures (error barriers, function-space and weight distances)")
     _measure_basins(job, spawn_steps, num_children, np.linspace(0.0, 1.0, barrier_alphas), barrier_train_examples)
 
-    logging.info("Phase: learning curves, TensorBoard summaries, figures and report")
     curves = common.write_learning_curves(job, spawn_steps, num_children)
+    for stage in _stages():
+        try:
+            stage.measure(job, spawn_steps, num_children)
+        except ValueError as error:
+            # NOTE: stage settings are checked when the stage starts, after training; the
+            # trained runs and earlier tables are kept, so a corrected rerun resumes here.
+            raise InvalidSettingError(" ".join(str(error).split())) from error
+
+    logging.info("Phase: TensorBoard summaries, figures and report")
     tfntk_config.save_operative_config(run.config_gin)
     tensorboard.write_hparams(run_dir, curves)
     tensorboard.write_text(run_dir, "parent_0", "config/operative_gin", _markdown_code(storage.read_text(run.config_gin)))
     figures.draw_all(run_dir)
     html.write_report(run_dir)
     logging.info("Main job finished in %.1f s; tables in %s", time.time() - started, storage.join(run_dir, "tables"))
+
+
+def _stages() -> list:
+    """The measurement stages run after the basin measures, in order.
+
+    Each module has a gin-configurable `measure(job, spawn_steps, num_children, *, enabled=True,
+    ...)` that skips work whose output exists.
+    """
+    # pylint: disable=import-outside-toplevel
+    from tfntk.experiments import curvature
+
+    return [curvature]
 
 
 def _validate(job: "common.Job", spawn_epochs, num_children: int, barrier_alphas: int) -> list[int]:

@@ -25,7 +25,7 @@ FIGURE_NAME = "curvature"
 
 
 def draw(run_dir: str) -> list[str]:
-    """Draws `figures/curvature.png` and `.pdf`; returns ["curvature"], or [] without the tables."""
+    """Draws `figures/curvature.png` and `.pdf` and returns ["curvature"], or [] without the tables."""
     eigenvalues = figures.read_table(run_dir, "hessian")
     if eigenvalues is None or eigenvalues.empty:
         return []
@@ -95,8 +95,8 @@ def draw_escape_thresholds(axis, thresholds: pd.DataFrame, drops: list[float]) -
 def _title(eigenvalues: pd.DataFrame) -> str:
     first = eigenvalues.iloc[0]
     decay = f"weight decay {first['weight_decay']:g}" if bool(first["weight_decay_included"]) else "no weight decay"
-    return (f"Curvature over training: {int(first['examples'])} training examples, batch norm "
-            f"{first['bn_mode']}, {decay}, {first['method']}")
+    return (f"Curvature over training: loss on {int(first['examples'])} training examples, batch norm in "
+            f"{first['bn_mode']} mode, {decay}, {first['method']} solver")
 
 
 def _run_colors(runs: pd.Series) -> dict:
@@ -118,7 +118,7 @@ def _two_over_lr(eigenvalues: pd.DataFrame, curves: Optional[pd.DataFrame]) -> t
 
 
 def _learning_rate_drops(eigenvalues: pd.DataFrame, curves: Optional[pd.DataFrame]) -> list[float]:
-    """Epochs of learning-rate drops from `learning_curves`, else between measured snapshots."""
+    """Returns the epochs of learning-rate drops from `learning_curves`, or else from the snapshots."""
     if curves is not None and not curves.empty:
         return figures.learning_rate_drops(curves)
     run = sorted(eigenvalues["run"].unique())[0]
