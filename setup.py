@@ -22,6 +22,8 @@ setuptools.setup(
         "pandas>=1.5",
         "matplotlib>=3.6",
         "scikit-learn>=1.1",
+        "scipy>=1.9",
+        "threadpoolctl>=3",
         "mnist1d>=0.0.2",
     ],
     extras_require={"test": ["pytest>=7"]},

@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 def register_configurables() -> None:
     """Imports every module that defines a gin configurable, so bindings can be checked."""
     # pylint: disable=import-outside-toplevel,unused-import
-    from tfntk.experiments import curvature, main_job  # noqa: F401
+    from tfntk.experiments import curvature, kernel_dynamics, linearized, main_job, motion, sections  # noqa: F401
+    from tfntk.reporting import motion_figures  # noqa: F401
     from tfntk.training import loop  # noqa: F401
 
 

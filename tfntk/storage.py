@@ -161,6 +161,10 @@ class RunDir:
     def analysis(self, name: str) -> str:
         return join(self.root, "analysis", name)
 
+    def ntk_snapshot(self, run_name: str, step: int) -> str:
+        """Returns the path of one snapshot's cached NTK Gram matrix, ReLU pattern and centroids."""
+        return self.analysis(join("ntk", run_name, f"step_{int(step):08d}.npz"))
+
     def table(self, name: str) -> str:
         return join(self.root, "tables", f"{name}.csv")
 

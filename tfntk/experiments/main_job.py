@@ -136,9 +136,9 @@ def _stages() -> list:
     ...)` that skips work whose output exists.
     """
     # pylint: disable=import-outside-toplevel
-    from tfntk.experiments import curvature
+    from tfntk.experiments import curvature, kernel_dynamics, linearized, motion, sections
 
-    return [curvature]
+    return [motion, kernel_dynamics, curvature, linearized, sections]
 
 
 def _validate(job: "common.Job", spawn_epochs, num_children: int, barrier_alphas: int) -> list[int]:

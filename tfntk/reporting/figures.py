@@ -112,7 +112,9 @@ def draw_basin_fate(run_dir: str) -> bool:
 
 
 # Modules under tfntk.reporting with a `draw(run_dir) -> list[str]` for one measurement stage.
-STAGE_FIGURE_MODULES = ("curvature_figures",)
+STAGE_FIGURE_MODULES = (
+    "motion_figures", "kernel_figures", "curvature_figures", "linearized_figures", "sections_figures",
+)
 
 
 def draw_all(run_dir: str) -> list[str]:

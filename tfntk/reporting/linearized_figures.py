@@ -53,7 +53,7 @@ def _series(summary: pd.DataFrame, kind: str, split: str) -> pd.DataFrame:
 
 
 def draw_error_against_onset(run_dir: str, summary: pd.DataFrame, drops: list[float]) -> None:
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
     for axis, split in zip(axes, ("test", "train")):
         _draw_split(axis, summary, split, drops)
     figure.suptitle("Taylor-expanded and low-learning-rate training from onset epochs of parent 0")
@@ -85,16 +85,24 @@ def _draw_split(axis, summary: pd.DataFrame, split: str, drops: list[float]) -> 
                       marker="^", capsize=3, label=f"low learning rate, final (mean of {seeds})")
 
     figures.mark_drops(axis, [d for d in drops if d <= summary["onset_epoch"].max()])
-    axis.set_xscale("symlog", linthresh=1.0)
-    axis.set_xlabel("onset epoch")
+    _onset_axis(axis, summary["onset_epoch"])
     axis.set_ylabel(f"{split} error rate")
     axis.set_title(f"{split.capitalize()} error against onset epoch")
     axis.legend(fontsize=7)
 
 
+def _onset_axis(axis, onset_epochs: pd.Series) -> None:
+    """Makes `axis` a symmetric-log onset-epoch axis (linear below 1 epoch) with a tick per onset."""
+    ticks = np.unique(onset_epochs.to_numpy(dtype=np.float64))
+    axis.set_xscale("symlog", linthresh=1.0)
+    axis.set_xticks(ticks)
+    axis.set_xticklabels([f"{tick:g}" for tick in ticks], fontsize=7)
+    axis.set_xlabel("onset epoch")
+
+
 def draw_nonlinear_advantage(run_dir: str, advantage: pd.DataFrame) -> None:
     rows = advantage[advantage["linearized_stopping"] == "best"]
-    figure, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    figure, axes = plt.subplots(1, 3, figsize=(17, 5.0), constrained_layout=True)
     for order, order_rows in rows.groupby("order"):
         order_rows = order_rows.sort_values("onset_epoch")
         color = ORDER_COLORS.get(int(order), "tab:gray")
@@ -104,8 +112,7 @@ def draw_nonlinear_advantage(run_dir: str, advantage: pd.DataFrame) -> None:
         _draw_against_barrier(axes[2], order_rows, color, label)
 
     axes[1].axhline(0.0, color="black", linewidth=0.8)
-    axes[1].set_xscale("symlog", linthresh=1.0)
-    axes[1].set_xlabel("onset epoch")
+    _onset_axis(axes[1], rows["onset_epoch"])
     axes[1].set_ylabel("nonlinear advantage (error rate)")
     axes[1].set_title("Advantage against onset epoch")
     axes[1].legend(fontsize=7)
@@ -114,7 +121,7 @@ def draw_nonlinear_advantage(run_dir: str, advantage: pd.DataFrame) -> None:
 
 
 def _draw_unity(axis, rows: pd.DataFrame, color: str, label: str) -> None:
-    axis.plot(rows["low_lr_error"], rows["linearized_error"], color=color, marker="o", label=label)
+    axis.plot(rows["low_lr_error"], rows["linearized_error"], color=color, marker="o", linewidth=0.8, label=label)
     for _, row in rows.iterrows():
         axis.annotate(f"{row['onset_epoch']:g}", (row["low_lr_error"], row["linearized_error"]),
                       textcoords="offset points", xytext=(4, 4), fontsize=7)

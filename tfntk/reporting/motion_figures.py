@@ -37,7 +37,7 @@ def moving_average(epochs: np.ndarray, values: np.ndarray, half_width_epochs: fl
       half_width_epochs: W of the window [epoch - W, epoch + W]; 0 returns the values.
 
     Returns:
-      Shape (n,); NaN where the window holds no finite value.
+      Shape (n,); NaN where the window contains no finite value.
     """
     epochs = np.asarray(epochs, dtype=np.float64)
     values = np.asarray(values, dtype=np.float64)
@@ -66,7 +66,7 @@ def draw_over_time_panel(axis, over_time: pd.DataFrame, measure: str, half_width
     rows = over_time[over_time["measure"] == measure]
     children = rows[rows["pair"] == "children"]
     colours = _spawn_colours(children["spawn_epoch"].unique())
-    curves = [(f"spawn epoch {epoch:g}", colours[epoch], group) for epoch, group in children.groupby("spawn_epoch")]
+    curves = [(f"spawn epoch {epoch:.3g}", colours[epoch], group) for epoch, group in children.groupby("spawn_epoch")]
     parents = rows[rows["pair"] == "parents"]
     if not parents.empty:
         curves.append(("independent parents", PARENTS_COLOUR, parents))
@@ -81,7 +81,7 @@ def draw_over_time_panel(axis, over_time: pd.DataFrame, measure: str, half_width
 
 
 def draw_children_over_time(run_dir: str, half_width_epochs: float) -> bool:
-    """Children's distances against epoch (raw thin, smoothed thick); False if the table is missing."""
+    """Draws the children's distances against epoch; returns False if the table is missing."""
     over_time = figures.read_table(run_dir, "children_over_time")
     if over_time is None:
         return False
@@ -126,7 +126,8 @@ def draw_distance_vs_spawn(axis, distances: pd.DataFrame) -> None:
         axis.axhline(level, color="tab:purple", linestyle="--", label="independent parents")
         axis.axhspan(level - spread, level + spread, color="tab:purple", alpha=0.15)
     axis.set_xscale("symlog", linthresh=1.0)
-    axis.set_xlabel("spawn epoch")
+    axis.set_xticks(children["spawn_epoch"], [f"{epoch:.3g}" for epoch in children["spawn_epoch"]])
+    axis.set_xlabel("spawn epoch (symmetric log scale)")
     axis.set_ylabel("final function-space distance")
     axis.set_title("Final child distance against spawn epoch")
     axis.legend(fontsize=7)
@@ -140,7 +141,7 @@ def draw_distance_vs_barrier(axis, distances: pd.DataFrame) -> None:
     colours = _spawn_colours(children["spawn_epoch"].unique())
     for spawn_epoch, group in children.groupby("spawn_epoch"):
         axis.errorbar(group["final_test_error_barrier"], group["mean"], yerr=group["std"], marker="o", capsize=3,
-                      linestyle="none", color=colours[spawn_epoch], label=f"children, spawn epoch {spawn_epoch:g}")
+                      linestyle="none", color=colours[spawn_epoch], label=f"children, spawn epoch {spawn_epoch:.3g}")
     parents = joined[joined["pair"] == "parents"]
     if not parents.empty:
         axis.errorbar(parents["final_test_error_barrier"], parents["mean"], yerr=parents["std"], marker="s",
@@ -153,7 +154,7 @@ def draw_distance_vs_barrier(axis, distances: pd.DataFrame) -> None:
 
 
 def draw_final_child_distance(run_dir: str) -> bool:
-    """Final distance against spawn epoch and against error barrier; False if the table is missing."""
+    """Draws the final distance against spawn epoch and error barrier; returns False if the table is missing."""
     final = figures.read_table(run_dir, "final_child_distance")
     if final is None:
         return False
@@ -179,40 +180,50 @@ def tsne_highlights(tsne: pd.DataFrame) -> list[tuple[str, list[str]]]:
         for position in chosen:
             epoch = spawn_epochs[position]
             runs = children[children["spawn_epoch"] == epoch].sort_values("index")["run"].unique()[:2]
-            panels.append((f"children spawned at epoch {epoch:g}", list(runs)))
+            panels.append((f"children spawned at epoch {epoch:.3g}", list(runs)))
     return panels
 
 
+def draw_tsne_panel(axis, tsne: pd.DataFrame, title: str, runs: list[str], norm):
+    """Draws every point in grey and the paths of `runs` coloured by epoch; returns the colour scatter."""
+    axis.scatter(tsne["x"], tsne["y"], s=5, color=BACKGROUND_COLOUR)
+    scatter = None
+    for position, run in enumerate(runs):
+        points = tsne[tsne["run"] == run].sort_values("step")
+        path_label = f"child {int(points['index'].iloc[0])}" if len(runs) > 1 else None
+        axis.plot(points["x"], points["y"], color="0.35", linewidth=0.7, linestyle=("-", "--")[position % 2],
+                  label=path_label)
+        scatter = axis.scatter(points["x"], points["y"], c=points["epoch"], cmap="viridis", norm=norm, s=14)
+        axis.scatter(points["x"].iloc[:1], points["y"].iloc[:1], marker="o", s=60, facecolors="none",
+                     edgecolors="black", label="start" if position == 0 else None)
+        axis.scatter(points["x"].iloc[-1:], points["y"].iloc[-1:], marker="*", s=120, color="tab:red",
+                     edgecolors="black", label="end" if position == 0 else None)
+
+    axis.set_title(title, fontsize=9)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.set_xlabel("t-SNE 1")
+    axis.set_ylabel("t-SNE 2")
+    axis.legend(fontsize=7, loc="best")
+    return scatter
+
+
 def draw_tsne(run_dir: str) -> bool:
-    """A row of panels of the common t-SNE embedding; False if the table is missing."""
+    """Draws a row of panels of the common t-SNE embedding; returns False if the table is missing."""
     tsne = figures.read_table(run_dir, "tsne")
     if tsne is None:
         return False
     panels = tsne_highlights(tsne)
     norm = matplotlib.colors.Normalize(vmin=0.0, vmax=float(tsne["epoch"].max()))
     figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), squeeze=False)
-    scatter = None
-    for axis, (title, runs) in zip(axes[0], panels):
-        axis.scatter(tsne["x"], tsne["y"], s=5, color=BACKGROUND_COLOUR)
-        for marker_index, run in enumerate(runs):
-            points = tsne[tsne["run"] == run].sort_values("step")
-            axis.plot(points["x"], points["y"], color="0.4", linewidth=0.6)
-            scatter = axis.scatter(points["x"], points["y"], c=points["epoch"], cmap="viridis", norm=norm, s=14)
-            axis.scatter(points["x"].iloc[:1], points["y"].iloc[:1], marker="o", s=60, facecolors="none",
-                         edgecolors="black", label="start" if marker_index == 0 else None)
-            axis.scatter(points["x"].iloc[-1:], points["y"].iloc[-1:], marker="*", s=120, color="tab:red",
-                         edgecolors="black", label="end" if marker_index == 0 else None)
-        axis.set_title(title, fontsize=9)
-        axis.set_xticks([])
-        axis.set_yticks([])
-        axis.set_xlabel("t-SNE 1")
-        axis.set_ylabel("t-SNE 2")
-        axis.legend(fontsize=7, loc="best")
-    if scatter is not None:
-        figure.colorbar(scatter, ax=axes[0].tolist(), label="epoch", fraction=0.02)
+
+    scatters = [draw_tsne_panel(axis, tsne, title, runs, norm) for axis, (title, runs) in zip(axes[0], panels)]
+    if any(scatter is not None for scatter in scatters):
+        colour_scale = matplotlib.cm.ScalarMappable(norm=norm, cmap="viridis")
+        figure.colorbar(colour_scale, ax=axes[0].tolist(), label="epoch", fraction=0.02)
     perplexity = float(tsne["perplexity"].iloc[0]) if "perplexity" in tsne else float("nan")
     figure.suptitle(f"Test-set class probabilities in one t-SNE embedding (perplexity {perplexity:.3g}); "
-                    "grey: every other snapshot")
+                    "grey: all other snapshots")
     figures.save_figure(figure, run_dir, "tsne")
     return True
 

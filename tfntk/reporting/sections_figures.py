@@ -1,10 +1,10 @@
 """Figures of the loss-landscape sections, drawn from the tables `sections`, `section_paths` and
 `section_points` only (no model is rebuilt).
 
-One figure `sections_<EPOCH>` per spawn epoch: contour maps of the test error, the function-space
-distance to child 0 and the test errors of the order-1 Taylor models linearized at the parent and
-at child 0, each with the three networks that span the plane marked and the training paths of
-the parent and both children projected onto it.
+There is one figure `sections_<EPOCH>` per spawn epoch with four contour maps: the test error, the
+function-space distance to child 0, and the test errors of the order-1 Taylor models linearized
+at the parent and at child 0. Each map marks the three networks that span the plane and draws the
+training paths of the parent and both children projected onto it.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _draw_paths(axis, paths: pd.DataFrame, points: pd.DataFrame, with_labels: bo
         run_path = paths[paths["role"] == role].sort_values("step")
         if not run_path.empty:
             off_plane = float(run_path["off_plane_distance"].iloc[-1])
-            label = f"{name} path (last snapshot {off_plane:.2g} off the plane)" if with_labels else None
+            label = f"{name} path (last snapshot {off_plane:.2f} off the plane)" if with_labels else None
             axis.plot(run_path["a"], run_path["b"], color=colour, linewidth=1.0, marker=".", markersize=3, label=label)
 
         point = points[points["point"] == role]
@@ -73,7 +73,7 @@ def _draw_paths(axis, paths: pd.DataFrame, points: pd.DataFrame, with_labels: bo
 
 
 def section_figure(sections: pd.DataFrame, paths: pd.DataFrame, points: pd.DataFrame, spawn_epoch: float):
-    """Draws the four contour panels of one spawn epoch's section; returns the figure."""
+    """Draws the four contour panels of one spawn epoch's section and returns the figure."""
     paths = paths[np.isclose(paths["spawn_epoch"], spawn_epoch)]
     points = points[np.isclose(points["spawn_epoch"], spawn_epoch)]
     rows = sections[np.isclose(sections["spawn_epoch"], spawn_epoch)]
@@ -83,7 +83,10 @@ def section_figure(sections: pd.DataFrame, paths: pd.DataFrame, points: pd.DataF
     axes = axes.ravel()
     for index, (axis, (measure, title, unit)) in enumerate(zip(axes, PANELS)):
         a_values, b_values, values = grid_values(sections, spawn_epoch, measure)
-        maximum = error_max if measure in ERROR_MEASURES else float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
+        if measure in ERROR_MEASURES:
+            maximum = error_max
+        else:
+            maximum = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
         contours = axis.contourf(a_values, b_values, values.T, levels=_levels(maximum), cmap="viridis", extend="max")
         figure.colorbar(contours, ax=axis, label=unit, ticks=ticker.MaxNLocator(6))
 
@@ -111,7 +114,7 @@ def close(figure) -> None:
 
 
 def draw(run_dir: str) -> list[str]:
-    """Draws `sections_<EPOCH>` for every spawn epoch in the tables; returns the figure names."""
+    """Draws `sections_<EPOCH>` for every spawn epoch in the tables and returns the figure names."""
     sections = figures.read_table(run_dir, "sections")
     paths = figures.read_table(run_dir, "section_paths")
     points = figures.read_table(run_dir, "section_points")
