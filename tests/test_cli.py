@@ -23,7 +23,37 @@ TINY_BINDINGS = [
     "TrainingConfig.batch_size = 32",
     "TrainingConfig.learning_rate = 0.05",
     "TrainingConfig.snapshot_schedule = ((1.0, 0.5),)",
+    "kernel_dynamics.measure.analysis_examples = 16",
+    "kernel_dynamics.measure.max_snapshots = 4",
+    "curvature.measure.examples = 64",
+    "curvature.measure.max_snapshots = 3",
+    "linearized.measure.onset_epochs = (0.0, 1.0)",
+    "linearized.measure.epochs = 1",
+    "linearized.measure.low_lr_epochs = 1",
+    "motion.measure.tsne_snapshots_per_run = 4",
+    "sections.measure.resolution = 5",
 ]
+
+EXPECTED_TABLES = (
+    "learning_curves", "error_barrier", "interpolation", "pair_distance", "children_over_time",
+    "final_child_distance", "tsne", "snapshot_pairs", "kernel_velocity", "pair_kernel", "hessian",
+    "escape_threshold", "linearized_curves", "linearized", "nonlinear_advantage", "sections",
+    "section_paths", "section_points",
+)
+EXPECTED_FIGURES = (
+    "basin_fate", "integrated", "appendix", "children_over_time", "final_child_distance", "tsne",
+    "kernel_heatmaps", "kernel_velocity", "barrier_vs_velocity", "children_kernel", "curvature",
+    "linearized", "nonlinear_advantage",
+)
+
+
+def _event_tags(directory):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    accumulator = event_accumulator.EventAccumulator(directory, size_guidance={"tensors": 0, "images": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    return set(tags["tensors"]) | set(tags["scalars"]) | set(tags["images"])
 
 
 @pytest.fixture(autouse=True)
@@ -53,8 +83,22 @@ def test_main_job_end_to_end_and_resume(tmp_path):
     assert set(distances["measure"]) >= {"function_space_distance", "weight_l2_distance"}
     curves = storage.read_csv(run.table("learning_curves"))
     assert set(curves["role"]) == {"parent", "child"}
-    assert os.path.exists(run.figure("basin_fate", "png"))
-    assert os.path.exists(run.figure("basin_fate", "pdf"))
+    for name in EXPECTED_TABLES:
+        assert storage.exists(run.table(name)), name
+    for name in EXPECTED_FIGURES:
+        assert os.path.exists(run.figure(name, "png")), name
+        assert os.path.exists(run.figure(name, "pdf")), name
+    assert any(f.startswith("sections_") for f in os.listdir(os.path.join(run_dir, "figures")))
+    report = storage.read_text(run.report_html)
+    assert "figures/integrated.png" in report
+    assert "Key numbers" in report
+
+    parent_tags = _event_tags(run.tensorboard("parent_0"))
+    for tag in ("train/loss", "test/error", "learning_rate", "ntk/kernel_velocity", "hessian/top_eigenvalue",
+                "ntk/kernel_distance_heatmap", "config/operative_gin", "hparams/final_test_error"):
+        assert tag in parent_tags, (tag, sorted(parent_tags))
+    assert any(tag.startswith("sections/") for tag in parent_tags)
+    assert "train/loss" in _event_tags(run.tensorboard("spawn_0001.000_child_0"))
     assert os.path.isdir(os.path.join(run_dir, "parents", "0", "saved_model", "epoch_002"))
     assert os.listdir(run.tensorboard("parent_0"))
     assert "TrainingConfig.epochs = 2.0" in storage.read_text(run.config_gin)

@@ -35,6 +35,16 @@ def default_run_dir(gin_files: list[str]) -> str:
     return os.path.join("runs", stem)
 
 
+class _DropLibraryInfo(python_logging.Filter):
+    """Drops INFO lines that TensorFlow and Keras log through absl (checkpoint sharding,
+    SavedModel writing), which would bury the progress lines."""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        if record.levelno >= python_logging.WARNING:
+            return True
+        return not any(part in record.pathname for part in ("/tensorflow/", "/keras/", "/tf_keras/"))
+
+
 def _fail(code: int, message: str) -> None:
     logging.error("%s", message)
     print(f"error: {message}", file=sys.stderr)
@@ -45,10 +55,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(EXIT_INVALID_CONFIG, f"Unexpected arguments {argv[1:]}; use --gin_file, --gin_param and --run_dir.")
 
-    # TensorFlow's own INFO lines (SavedModel writing, checkpoint sharding) would bury progress.
     python_logging.getLogger("tensorflow").setLevel(python_logging.WARNING)
+    python_logging.getLogger("absl").addFilter(_DropLibraryInfo())
 
-    # Imported here so that --help stays fast and flag errors come before TensorFlow loads.
     from tfntk import config  # pylint: disable=import-outside-toplevel
     from tfntk.experiments import main_job  # pylint: disable=import-outside-toplevel
 

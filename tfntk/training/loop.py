@@ -50,7 +50,8 @@ class TrainingConfig:
       export_saved_model: export a SavedModel at every whole epoch that is a snapshot.
       eval_batch_size: batch size of the loss and error evaluation at each snapshot.
       eval_train_examples: number of training examples (the first ones, fixed) on which the
-        train loss and error of each snapshot are measured; None uses all of them.
+        train loss and error of each snapshot are measured; None uses all of them. Evaluation
+        at dense snapshots costs more than training itself when it covers a large training set.
       log_every_seconds: minimum time between two progress lines of one run.
     """
 
@@ -66,7 +67,7 @@ class TrainingConfig:
     snapshot_every_epochs_after: float = 1.0
     export_saved_model: bool = True
     eval_batch_size: int = 1000
-    eval_train_examples: Optional[int] = None
+    eval_train_examples: Optional[int] = 2000
     log_every_seconds: float = 10.0
 
     def validate(self, num_train_examples: int) -> None:
@@ -283,6 +284,7 @@ class Trainer:
                 "lower the spawn epoch or raise TrainingConfig.epochs."
             )
 
+        self._iterator_position = None
         predict_fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         run_steps = self._make_step_fn(model, optimizer)
         boundaries = sorted({s for s in spec.snapshot_steps if step < s <= spec.final_step} | {spec.final_step})
@@ -329,18 +331,31 @@ class Trainer:
         return table
 
     def _train_until(self, run_steps, data_seed: int, step: int, boundary: int) -> float:
-        """Runs optimizer steps from `step` to `boundary`, one epoch's iterator at a time."""
+        """Runs optimizer steps from `step` to `boundary`, one epoch's iterator at a time.
+
+        An epoch's iterator is kept across snapshot boundaries and rebuilt only at a new epoch
+        or when `step` is not where it stopped (a resume), so building the input pipeline costs
+        once per epoch, not once per snapshot.
+        """
         losses = []
         counts = []
         while step < boundary:
             epoch, batch = divmod(step, self.steps_per_epoch)
             num_steps = min(boundary - step, self.steps_per_epoch - batch)
-            batches = pipeline.train_batches(self.dataset, self.config.batch_size, data_seed, epoch, start_batch=batch)
-            iterator = iter(self.strategy.experimental_distribute_dataset(batches))
+            iterator = self._epoch_iterator(data_seed, epoch, batch)
             losses.append(float(run_steps(iterator, tf.constant(num_steps, tf.int64))))
+            self._iterator_position = (data_seed, epoch, batch + num_steps)
             counts.append(num_steps)
             step += num_steps
         return float(np.average(losses, weights=counts))
+
+    def _epoch_iterator(self, data_seed: int, epoch: int, batch: int):
+        if getattr(self, "_iterator_position", None) == (data_seed, epoch, batch):
+            return self._iterator
+        batches = pipeline.train_batches(self.dataset, self.config.batch_size, data_seed, epoch, start_batch=batch)
+        self._iterator = iter(self.strategy.experimental_distribute_dataset(batches))
+        self._iterator_position = (data_seed, epoch, batch)
+        return self._iterator
 
     def _store_snapshot(self, store, checkpoint, model, predict_fn, step, started, writer, batch_loss=None):
         prefix = store.write_checkpoint(checkpoint, step)
