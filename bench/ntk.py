@@ -5,8 +5,11 @@ For each model, every tfntk implementation computes the full kernel K(x, x) of s
 implementations (Jacobian contraction, NTK-vector products, structured derivatives), on the same
 inputs and weights. Each case runs in a fresh subprocess, so its peak resident memory
 (`ru_maxrss`) is its own. Reported: inputs per second (n divided by the seconds of one kernel
-computation after tracing or compilation), peak memory, and the largest difference to the tfntk
-"jacobian" kernel relative to its largest entry.
+computation after tracing or compilation) and peak memory. Also reported: the largest difference
+to the tfntk "jacobian" kernel relative to its largest entry, and the same against a float64
+reference, the float64 contraction of per-example Jacobians that a plain `tf.GradientTape` computes,
+independent of both libraries' contractions. The reference covers inputs 0 and 1 and the
+`--reference_inputs` inputs whose kernel rows differ most between the libraries.
 
 The neural-tangents side runs in `bench/.venv-nt` (create it with
 `bash bench/setup_neural_tangents.sh`) with the architectures written in JAX below, and receives
@@ -47,6 +50,10 @@ flags.DEFINE_list(
 flags.DEFINE_integer("n", 256, "Inputs per kernel side (n1 = n2 = n).")
 flags.DEFINE_integer("slow_n", 32, "Inputs per side for the NTK-vector-product cases of both libraries.")
 flags.DEFINE_integer("num_classes", 10, "Logits K.")
+flags.DEFINE_integer(
+    "reference_inputs", 4,
+    "The float64 reference covers inputs 0 and 1 and this many inputs where the kernels differ most.",
+)
 flags.DEFINE_list("tfntk_implementations", ["jacobian", "ntvp"], "tfntk implementations to run.")
 flags.DEFINE_list(
     "nt_implementations", ["jacobian_contraction", "ntk_vector_products", "structured_derivatives"],
@@ -95,7 +102,7 @@ def current_rss_gib() -> float:
 
 
 def run_tfntk_case(case: dict) -> dict:
-    """Times one tfntk kernel computation; the kernel goes to case['kernel_path']."""
+    """Times one tfntk kernel computation and saves the kernel to case['kernel_path']."""
     import tensorflow as tf
 
     from tfntk.autodiff import ntk
@@ -123,6 +130,26 @@ def run_tfntk_case(case: dict) -> dict:
     if case.get("kernel_path"):
         np.save(case["kernel_path"], result)
     return {"seconds": seconds, "peak_gib": peak_rss_gib(), "jacobian_memory_gib": memory_gib}
+
+
+def run_reference_case(case: dict) -> dict:
+    """Saves J(x) J(x)^T in float64 for the inputs case['indices'], from a plain GradientTape."""
+    import tensorflow as tf
+
+    from tfntk.autodiff import functional
+
+    model = load_keras_model(case)
+    x = tf.constant(np.load(case["inputs_path"])["x"][case["indices"]])
+    weights = functional.current_weights(model)
+    with tf.GradientTape() as tape:
+        tape.watch(weights.trainable)
+        logits = functional.logits_at(model, weights, x)
+    parts = tape.jacobian(logits, weights.trainable)
+    count = len(case["indices"])
+    jacobian = np.concatenate([np.reshape(p.numpy(), (count, case["num_classes"], -1)) for p in parts], axis=2)
+    jacobian = jacobian.astype(np.float64)
+    np.save(case["kernel_path"], np.einsum("ikd,jld->ijkl", jacobian, jacobian))
+    return {"peak_gib": peak_rss_gib()}
 
 
 def load_keras_model(case: dict):
@@ -268,20 +295,37 @@ def run_case(worker: str, case: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def relative_difference(path: str, reference: np.ndarray) -> float | None:
-    if not os.path.exists(path):
-        return None
-    kernel = np.load(path).astype(np.float64)
-    block = reference[tuple(slice(0, s) for s in kernel.shape)]
-    return float(np.max(np.abs(kernel - block)) / np.max(np.abs(block)))
+def relative_difference(kernel: np.ndarray, reference: np.ndarray) -> float:
+    """Returns max |K - R| / max |R| over the leading inputs that both kernels cover."""
+    shared = tuple(slice(0, min(a, b)) for a, b in zip(kernel.shape, reference.shape))
+    return float(np.max(np.abs(kernel[shared] - reference[shared])) / np.max(np.abs(reference[shared])))
+
+
+def float64_error(kernel: np.ndarray, reference: np.ndarray, indices: list[int]) -> float:
+    """Returns max |K - R| / max |R| on the reference inputs that the kernel covers."""
+    covered = [position for position, index in enumerate(indices) if index < kernel.shape[0]]
+    rows = [indices[position] for position in covered]
+    return relative_difference(kernel[np.ix_(rows, rows)], reference[np.ix_(covered, covered)])
+
+
+def disagreement_inputs(kernels: list[np.ndarray], reference: np.ndarray, count: int) -> list[int]:
+    """Returns the inputs 0 and 1 and the `count` inputs whose kernel rows differ most from
+    `reference` in any of `kernels`, sorted."""
+    worst = np.zeros(reference.shape[0])
+    for kernel in kernels:
+        rows = min(kernel.shape[0], reference.shape[0])
+        difference = np.abs(kernel[:rows, :rows] - reference[:rows, :rows]).reshape(rows, -1).max(axis=1)
+        worst[:rows] = np.maximum(worst[:rows], difference)
+    return sorted({0, 1} | set(np.argsort(worst)[::-1][:count].tolist()))
 
 
 def benchmark_model(model_name: str) -> list[dict]:
+    """Runs every case of one model, then compares the kernels with each other and with float64."""
     files = prepare_case_files(model_name, max(FLAGS.n, FLAGS.slow_n))
     base = {"model": model_name, "num_classes": FLAGS.num_classes, **files}
     runs = [("tfntk", name) for name in FLAGS.tfntk_implementations]
     runs += [("nt", name) for name in FLAGS.nt_implementations]
-    rows, reference = [], None
+    rows, kernels = [], {}
     for worker, implementation in runs:
         n = FLAGS.slow_n if implementation in SLOW_IMPLEMENTATIONS else FLAGS.n
         kernel_path = os.path.join(FLAGS.out_dir, f"{model_name}_{worker}_{implementation}_kernel.npy")
@@ -294,12 +338,25 @@ def benchmark_model(model_name: str) -> list[dict]:
             case["nt_batch_size"] = FLAGS.nt_fallback_batch_size
             result = run_case(worker, case)
             result["note"] = f"nt.batch({FLAGS.nt_fallback_batch_size}) after running out of memory unbatched"
-        if worker == "tfntk" and implementation == "jacobian" and os.path.exists(kernel_path):
-            reference = np.load(kernel_path).astype(np.float64)
-        difference = relative_difference(kernel_path, reference) if reference is not None else None
+        if os.path.exists(kernel_path):
+            kernels[len(rows)] = np.load(kernel_path).astype(np.float64)
         rows.append({"model": model_name, "parameters": files["parameters"], "library": worker,
-                     "implementation": implementation, "n": n, "difference": difference, **result})
+                     "implementation": implementation, "n": n, **result})
         print(json.dumps(rows[-1]), flush=True)
+
+    tfntk_index = next((i for i, row in enumerate(rows) if row["library"] == "tfntk" and row["implementation"] == "jacobian"), None)
+    if tfntk_index is None or tfntk_index not in kernels:
+        return rows
+    reference = kernels[tfntk_index]
+    indices = disagreement_inputs(list(kernels.values()), reference, FLAGS.reference_inputs)
+    reference_path = os.path.join(FLAGS.out_dir, f"{model_name}_float64_reference.npy")
+    run_case("reference", dict(base, indices=indices, kernel_path=reference_path))
+    exact = np.load(reference_path) if os.path.exists(reference_path) else None
+    for i, row in enumerate(rows):
+        row["reference_inputs"] = indices
+        if i in kernels:
+            row["difference"] = relative_difference(kernels[i], reference)
+            row["float64_error"] = None if exact is None else float64_error(kernels[i], exact, indices)
     return rows
 
 
@@ -346,24 +403,33 @@ def format_section(rows: list[dict], sweep: list[dict], seconds: float) -> str:
         f"Full kernel K(x, x) of shape (n, n, {FLAGS.num_classes}, {FLAGS.num_classes}) on random "
         "normal inputs at the seed-0 initial weights. inputs/s is n divided by the seconds of one "
         "kernel computation after tracing (tfntk) or compiling (neural-tangents, timed on its second "
-        "call); peak memory is the case's own process. 'difference' is the largest absolute "
+        "call). Peak memory is the case's own process. 'vs tfntk' is the largest absolute "
         "difference to the tfntk 'jacobian' kernel on the same inputs, relative to its largest entry. "
+        "'vs float64' is the same against a float64 reference: the float64 contraction of "
+        "per-example Jacobians from a plain tf.GradientTape, on inputs 0 and 1 and the "
+        f"{FLAGS.reference_inputs} inputs whose kernel rows differ most between the libraries "
+        "(listed per model below the table; a kernel over fewer inputs is compared on those it covers). "
         f"tfntk used batch_size={FLAGS.batch_size} and jacobian_memory_gib={FLAGS.jacobian_memory_gib}.",
         "",
-        "| model | parameters | library | implementation | n | seconds | inputs/s | peak memory (GiB) | difference | note |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---|",
+        "| model | parameters | library | implementation | n | seconds | inputs/s | peak memory (GiB) | vs tfntk | vs float64 | note |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['model']} | {row['parameters']:,} | {row['library']} | {row['implementation']} | "
-                         f"{row['n']} | - | - | - | - | {row['error']} |")
+                         f"{row['n']} | - | - | - | - | - | {row['error']} |")
             continue
-        difference = "-" if row["difference"] is None else f"{row['difference']:.1e}"
+        difference = "-" if row.get("difference") is None else f"{row['difference']:.1e}"
+        error = "-" if row.get("float64_error") is None else f"{row['float64_error']:.1e}"
         lines.append(
             f"| {row['model']} | {row['parameters']:,} | {row['library']} | {row['implementation']} | {row['n']} | "
             f"{row['seconds']:.1f} | {row['n'] / row['seconds']:.1f} | {row['peak_gib']:.2f} | {difference} | "
-            f"{row.get('note', '')} |"
+            f"{error} | {row.get('note', '')} |"
         )
+    references = {row["model"]: row["reference_inputs"] for row in rows if "reference_inputs" in row}
+    if references:
+        lines += ["", "Inputs of the float64 reference: " + "; ".join(
+            f"{model} {indices}" for model, indices in references.items()) + "."]
     if sweep:
         kind = "logit-traced (n, n)" if FLAGS.sweep_trace_logits else "full (n, n, K, K)"
         lines += [
@@ -406,7 +472,7 @@ def write_section(path: str, section: str) -> None:
 def main(argv):
     del argv
     if FLAGS.worker:
-        runner = {"tfntk": run_tfntk_case, "nt": run_nt_case}[FLAGS.worker]
+        runner = {"tfntk": run_tfntk_case, "nt": run_nt_case, "reference": run_reference_case}[FLAGS.worker]
         print("RESULT " + json.dumps(runner(json.loads(FLAGS.case))), flush=True)
         return
     if FLAGS.nt_implementations and not os.path.exists(FLAGS.nt_python):

@@ -309,7 +309,6 @@ def test_pooled_spread_matches_pooled_values():
     ("barrier_alphas", 1),
     ("last_snapshots", 0),
     ("tsne_test_examples", 1),
-    ("tsne_test_examples", 10_000),
     ("tsne_snapshots_per_run", 1),
     ("tsne_perplexity", 0.0),
     ("tsne_threads", 0),

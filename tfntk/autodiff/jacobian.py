@@ -30,7 +30,7 @@ def logit_jacobian(
     """Computes the per-example Jacobian of the logits with respect to each trainable weight.
 
     Uses the per-layer factors of `jacobian_factors` (one forward and K backward passes per
-    block), so the model must be functional with one input.
+    block), so the model must be a functional or Sequential model with one input.
 
     Args:
       model: a Keras 3 model with logits output (n, K).

@@ -13,8 +13,8 @@ them into flat per-example gradients (materialized) or keeps them apart (structu
 Layers of any other kind get their per-example gradients from their own `stateless_call` under
 `tf.vectorized_map`.
 
-Every formula here assumes the examples of a batch do not interact, which holds in inference
-mode (batch norm with its moving statistics) for feed-forward networks.
+Every formula here assumes that the examples of a batch do not interact. Feed-forward networks
+in inference mode (batch norm with its moving statistics) satisfy this.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ DEFAULT_JACOBIAN_MEMORY_GIB = 2.0
 
 
 class NtkImplementation(enum.Enum):
-    """How `empirical_ntk` computes J(x1) J(x2)^T.
+    """Algorithm that `empirical_ntk` uses for J(x1) J(x2)^T.
 
     Below, b is `batch_size`, K the number of logits, d the number of trainable weights, A the
     activation memory of one input's forward pass, and n1, n2 the numbers of inputs.

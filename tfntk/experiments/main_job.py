@@ -130,7 +130,7 @@ def main_job(
 
 
 def _stages() -> list:
-    """The measurement stages run after the basin measures, in order.
+    """Returns the measurement stages that run after the basin measures, in order.
 
     Each module has a gin-configurable `measure(job, spawn_steps, num_children, *, enabled=True,
     ...)` that skips work whose output exists.

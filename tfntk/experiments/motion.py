@@ -81,7 +81,8 @@ def measure(
         norm only); None uses the whole training set.
       last_snapshots: number of a pair's last common snapshots averaged in `final_child_distance`.
       tsne_test_examples: size of the fixed stratified test subset whose class probabilities
-        form each network's t-SNE input, a vector of `tsne_test_examples * K` values.
+        form each network's t-SNE input, a vector of `tsne_test_examples * K` values; capped
+        at the size of the test set.
       tsne_snapshots_per_run: maximum snapshots per run in the embedding, spread evenly in
         epochs from the run's first snapshot to its last (both always included).
       tsne_perplexity: t-SNE perplexity; None uses `min(30, (N - 1) / 3)` for N points.
@@ -94,6 +95,7 @@ def measure(
     if not enabled:
         logging.info("Motion stage disabled; skipping.")
         return
+    tsne_test_examples = min(tsne_test_examples, job.data.num_test)
     _validate(job, spawn_steps, num_children, every_epochs, barrier_alphas, last_snapshots, tsne_test_examples,
               tsne_snapshots_per_run, tsne_perplexity, tsne_threads)
     started = time.time()

@@ -51,6 +51,17 @@ def mark_drops(axis, drops, orientation: str = "vertical") -> None:
             axis.axhline(epoch, color="black", linestyle="--", linewidth=0.8)
 
 
+def format_spawn_axis(axis, epochs) -> None:
+    """Symmetric-log x axis (linear below 1 epoch) with a tick at every spawn epoch."""
+    epochs = sorted({float(e) for e in epochs if np.isfinite(e)})
+    axis.set_xscale("symlog", linthresh=1.0)
+    if epochs:
+        axis.set_xticks(epochs)
+        axis.set_xticklabels([f"{e:g}" if e >= 1 or e == 0 else f"{e:.2g}" for e in epochs], fontsize=7)
+        axis.minorticks_off()
+    axis.set_xlabel("spawn epoch")
+
+
 def draw_learning_curves(axis, curves: pd.DataFrame) -> None:
     for index, parent in curves[curves["role"] == "parent"].groupby("index"):
         parent = parent.sort_values("epoch")
@@ -72,8 +83,7 @@ def draw_barrier_vs_spawn(axis, barriers: pd.DataFrame) -> None:
         level = parents[parents["split"] == split]["barrier"]
         if not level.empty:
             axis.axhline(float(level.mean()), color=line[0].get_color(), linestyle=":", label=f"independent parents, {split}")
-    axis.set_xscale("symlog", linthresh=1.0)
-    axis.set_xlabel("spawn epoch")
+    format_spawn_axis(axis, children["spawn_epoch"])
     axis.set_ylabel("error barrier (error rate)")
     axis.set_title("Error barrier between children at the end")
     axis.legend(fontsize=7)
@@ -86,8 +96,7 @@ def draw_distance_vs_spawn(axis, distances: pd.DataFrame, measure: str, ylabel: 
     axis.plot(children.index, children.values, marker="o", label="children")
     if not parents.empty:
         axis.axhline(float(parents.mean()), color="gray", linestyle=":", label="independent parents")
-    axis.set_xscale("symlog", linthresh=1.0)
-    axis.set_xlabel("spawn epoch")
+    format_spawn_axis(axis, children.index)
     axis.set_ylabel(ylabel)
     axis.set_title(title)
     axis.legend(fontsize=7)
@@ -100,7 +109,7 @@ def draw_basin_fate(run_dir: str) -> bool:
     distances = read_table(run_dir, "pair_distance")
     if curves is None or barriers is None or distances is None:
         return False
-    figure, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    figure, axes = plt.subplots(1, 4, figsize=(20, 4.4), layout="constrained")
     draw_learning_curves(axes[0], curves)
     draw_barrier_vs_spawn(axes[1], barriers)
     draw_distance_vs_spawn(axes[2], distances, "function_space_distance",

@@ -58,7 +58,7 @@ def draw_integrated(run_dir: str) -> bool:
     if any(table is None for table in (curves, barriers, distances, pairs, kernel)):
         return False
     drops = figures.learning_rate_drops(curves)
-    figure, axes = plt.subplots(1, 5, figsize=(26, 4.6))
+    figure, axes = plt.subplots(1, 5, figsize=(28, 4.8), layout="constrained")
     figures.draw_learning_curves(axes[0], curves)
     axes[0].set_title("(A) Parent learning curves")
     figures.draw_barrier_vs_spawn(axes[1], barriers)
@@ -69,8 +69,7 @@ def draw_integrated(run_dir: str) -> bool:
     for measure, label, marker in (("relu_distance", "ReLU", "s"), ("function_space_distance", "function space", "o"),
                                    ("kernel_distance", "kernel", "^")):
         _children_vs_spawn(axes[4], combined, measure, label, marker)
-    axes[4].set_xscale("symlog", linthresh=1.0)
-    axes[4].set_xlabel("spawn epoch")
+    figures.format_spawn_axis(axes[4], combined["spawn_epoch"])
     axes[4].set_ylabel("distance between children at the end")
     axes[4].set_title("(E) Child distances against spawn epoch")
     axes[4].legend(fontsize=7)
@@ -87,13 +86,14 @@ def draw_appendix(run_dir: str) -> bool:
     curves = figures.read_table(run_dir, "learning_curves")
     if hessian is None or kernel is None or distances is None or curves is None:
         return False
-    figure, axes = plt.subplots(1, 3, figsize=(17, 4.4))
+    figure, axes = plt.subplots(1, 3, figsize=(17, 4.4), layout="constrained")
 
     top = hessian[(hessian["index"] == 0)]
     for run, rows in top.groupby("run"):
         rows = rows.sort_values("epoch")
         axes[0].plot(rows["epoch"], rows["eigenvalue"], marker="o", label=f"top eigenvalue, {run}")
-        axes[0].plot(rows["epoch"], rows["two_over_lr"], linestyle="--", color="gray", label="2 / learning rate")
+        axes[0].plot(rows["epoch"], rows["two_over_lr"], linestyle="--", color="gray", drawstyle="steps-post",
+                     label="2 / learning rate")
     figures.mark_drops(axes[0], figures.learning_rate_drops(curves))
     axes[0].set_yscale("log")
     axes[0].set_xlabel("epoch")
@@ -102,15 +102,13 @@ def draw_appendix(run_dir: str) -> bool:
     axes[0].legend(fontsize=7)
 
     _children_vs_spawn(axes[1], kernel, "centroid_alignment", "centroid alignment", "o")
-    axes[1].set_xscale("symlog", linthresh=1.0)
-    axes[1].set_xlabel("spawn epoch")
+    figures.format_spawn_axis(axes[1], kernel["spawn_epoch"])
     axes[1].set_ylabel("mean cosine similarity of class centroids")
     axes[1].set_title("Logit gradient centroid alignment")
     axes[1].legend(fontsize=7)
 
     _children_vs_spawn(axes[2], distances, "weight_l2_distance", "L2 weight distance", "o")
-    axes[2].set_xscale("symlog", linthresh=1.0)
-    axes[2].set_xlabel("spawn epoch")
+    figures.format_spawn_axis(axes[2], distances["spawn_epoch"])
     axes[2].set_ylabel("L2 distance between weights")
     axes[2].set_title("Weight distance between children")
     axes[2].legend(fontsize=7)

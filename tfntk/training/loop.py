@@ -151,7 +151,7 @@ def evaluate(predict_fn, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple
 
 @dataclasses.dataclass
 class RunSpec:
-    """What one training run is.
+    """Settings of one training run.
 
     Attributes:
       paths: where the run lives.
