@@ -302,35 +302,9 @@ class TaylorTrainer:
 
     def _make_epoch_fn(self):
         """Returns a tf.function that runs `num_steps` SGD steps and returns the mean batch loss."""
-        model, optimizer, strategy = self.model, self.optimizer, self.strategy
-        global_batch = float(self.settings.batch_size)
-        weight_decay = float(self.settings.weight_decay)
-        replicas = float(strategy.num_replicas_in_sync)
-        variables = model.trainable_variables
-
-        def replica_step(x, y):
-            with tf.GradientTape() as tape:
-                logits = model(x, training=True)
-                per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-                data_loss = tf.reduce_sum(per_example) / global_batch
-                total = data_loss
-                if weight_decay > 0:
-                    penalty = 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(v.value)) for v in variables])
-                    total += penalty / replicas
-            gradients = tape.gradient(total, [v.value for v in variables])
-            optimizer.apply_gradients(zip(gradients, variables))
-            return data_loss
-
-        @tf.function
-        def run_epoch(iterator, num_steps):
-            loss_sum = tf.constant(0.0, tf.float32)
-            for _ in tf.range(num_steps):
-                x, y = next(iterator)
-                per_replica = strategy.run(replica_step, args=(x, y))
-                loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-            return loss_sum / tf.cast(num_steps, tf.float32)
-
-        return run_epoch
+        return loop.make_train_steps(
+            self.model, self.optimizer, self.strategy, self.settings.batch_size, float(self.settings.weight_decay)
+        )
 
     def train(self, onset_step: int) -> pd.DataFrame:
         """Trains the expansion around parent 0's snapshot at `onset_step`; returns its curve.

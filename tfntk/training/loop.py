@@ -149,6 +149,48 @@ def evaluate(predict_fn, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple
     return loss_sum / len(y), wrong / len(y)
 
 
+def make_train_steps(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    strategy: tf.distribute.Strategy,
+    global_batch_size: int,
+    weight_decay: float,
+):
+    """Returns `run_steps(iterator, num_steps) -> mean batch loss`, a `tf.function` of SGD steps.
+
+    Each step minimises the mean cross-entropy of the global batch plus the L2 penalty
+    `0.5 * weight_decay * |w|^2`, with the batch split over the strategy's replicas. The
+    iterator yields distributed (x, y) batches; the returned loss excludes the penalty.
+    """
+    global_batch = float(global_batch_size)
+    replicas = float(strategy.num_replicas_in_sync)
+    variables = model.trainable_variables
+
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            data_loss = tf.reduce_sum(per_example) / global_batch
+            total = data_loss
+            if weight_decay > 0:
+                penalty = 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(v.value)) for v in variables])
+                total += penalty / replicas
+        gradients = tape.gradient(total, [v.value for v in variables])
+        optimizer.apply_gradients(zip(gradients, variables))
+        return data_loss
+
+    @tf.function
+    def run_steps(iterator, num_steps):
+        loss_sum = tf.constant(0.0, tf.float32)
+        for _ in tf.range(num_steps):
+            x, y = next(iterator)
+            per_replica = strategy.run(replica_step, args=(x, y))
+            loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return loss_sum / tf.cast(num_steps, tf.float32)
+
+    return run_steps
+
+
 @dataclasses.dataclass
 class RunSpec:
     """Settings of one training run.
@@ -208,35 +250,7 @@ class Trainer:
         return model, optimizer, checkpoint
 
     def _make_step_fn(self, model, optimizer):
-        strategy = self.strategy
-        global_batch = float(self.config.batch_size)
-        weight_decay = self.config.weight_decay
-        replicas = float(strategy.num_replicas_in_sync)
-        variables = model.trainable_variables
-
-        def replica_step(x, y):
-            with tf.GradientTape() as tape:
-                logits = model(x, training=True)
-                per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-                data_loss = tf.reduce_sum(per_example) / global_batch
-                penalty = 0.0
-                if weight_decay > 0:
-                    penalty = 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(v.value)) for v in variables])
-                total = data_loss + penalty / replicas
-            gradients = tape.gradient(total, [v.value for v in variables])
-            optimizer.apply_gradients(zip(gradients, variables))
-            return data_loss
-
-        @tf.function
-        def run_steps(iterator, num_steps):
-            loss_sum = tf.constant(0.0, tf.float32)
-            for _ in tf.range(num_steps):
-                x, y = next(iterator)
-                per_replica = strategy.run(replica_step, args=(x, y))
-                loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-            return loss_sum / tf.cast(num_steps, tf.float32)
-
-        return run_steps
+        return make_train_steps(model, optimizer, self.strategy, self.config.batch_size, self.config.weight_decay)
 
     def _snapshot_row(self, model, predict_fn, step: int, checkpoint_path: str, started: float) -> dict:
         epoch = step / self.steps_per_epoch
