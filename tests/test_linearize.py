@@ -226,9 +226,10 @@ def test_order1_descent_matches_kernel_descent():
     targets = tf.constant(np.random.default_rng(10).normal(size=(n, NUM_CLASSES)))
     w0 = functional.current_weights(base)
 
-    # TODO: use the default "jacobian" implementation once it accepts float64 models.
-    ntk = ntk_lib.empirical_ntk(base, x, weights=w0, implementation="ntvp").numpy()
+    ntk = ntk_lib.empirical_ntk(base, x, weights=w0).numpy()
     np.testing.assert_allclose(ntk, _explicit_ntk(base, w0, x).numpy(), rtol=1e-9, atol=1e-12)
+    ntvp = ntk_lib.empirical_ntk(base, x, weights=w0, implementation="ntvp").numpy()
+    np.testing.assert_allclose(ntvp, ntk, rtol=1e-9, atol=1e-12)
     kernel = ntk.transpose(0, 2, 1, 3).reshape(n * NUM_CLASSES, n * NUM_CLASSES)
     # Keras keeps the learning rate in float32, so use a value that float32 represents exactly.
     learning_rate = float(np.float32(0.5 * n / np.linalg.eigvalsh(kernel).max()))

@@ -176,7 +176,8 @@ class JacobianProbe:
                     f"Layer {layer.name!r} has trainable weights but several inputs or outputs, "
                     "which the structured Jacobian does not support. Use implementation='ntvp'."
                 )
-            tap = _PerturbationTap(name=f"{layer.name}_cotangent_tap_{len(recorded)}")
+            # The tap takes the layer's dtype policy, so it never casts a float64 output to float32.
+            tap = _PerturbationTap(dtype=layer.dtype_policy, name=f"{layer.name}_cotangent_tap_{len(recorded)}")
             recorded.append((layer, args[0], outputs, tap))
             return tap(outputs)
 
