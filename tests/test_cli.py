@@ -129,11 +129,16 @@ BAD_INPUTS = [
     (["--gin_file", "gin/no_such_preset.gin"], 2, "Gin file not found: gin/no_such_preset.gin"),
     (["--gin_param", "NoSuchConfigurable.value = 1"], 2, "NoSuchConfigurable"),
     (["--gin_param", "TrainingConfig.no_such_parameter = 1"], 2, "no_such_parameter"),
-    (["--gin_param", "TrainingConfig.epochs = (1"], 2, "Invalid gin configuration"),
+    (["--gin_param", "TrainingConfig.epochs = (1"], 2, "Invalid gin configuration in --gin_param 'TrainingConfig.epochs = (1'"),
     (["--gin_param", "TrainingConfig.epochs = 'ten'"], 2, "Invalid TrainingConfig.epochs 'ten'"),
     (["--gin_param", "main_job.spawn_epochs = (50.0,)"], 2, "Invalid spawn epoch 50.0"),
     (["--gin_param", "main_job.dataset = 'imagenet'"], 2, "Unknown main_job.dataset 'imagenet'"),
     (["--gin_param", "main_job.model = 'vgg'"], 2, "vgg"),
+    (["--gin_param", "kernel_dynamics.measure.analysis_examples = -5"], 2, "analysis_examples -5"),
+    (["--gin_param", "curvature.measure.k = 0"], 2, "k 0"),
+    (["--gin_param", "linearized.measure.onset_epochs = (99.0,)"], 2, "99"),
+    (["--gin_param", "sections.measure.resolution = 1"], 2, "resolution 1"),
+    (["--gin_param", "motion.measure.barrier_alphas = 1"], 2, "barrier_alphas 1"),
 ]
 
 
@@ -146,6 +151,7 @@ def test_bad_input_rejected(tmp_path, existing_run, arguments, status, message):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1, result.stderr[-2000:]
     assert message in error_lines[0]
+    assert "In call to configurable" not in error_lines[0]
     assert sorted(os.listdir(tmp_path / "run")) == ["tables"]
     assert existing_run.read_text() == "value\n1\n"
 

@@ -9,7 +9,13 @@ The instruments work on any Keras 3 functional classifier whose outputs are logi
     taylor = tfntk.linearize.linearize(model, order=1)       # trains with model.fit
 """
 
-from tfntk import linearize
+import os
+
+# Hide TensorFlow's C++ start-up INFO and WARNING lines (CUDA probing on CPU-only machines,
+# oneDNN notices) unless the user chose a level.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tfntk import linearize  # noqa: E402
 from tfntk.autodiff.functional import Weights, current_weights
 from tfntk.autodiff.hvp import LossSpec, TrainingLoss, hessian_vector_product, loss_and_gradient
 from tfntk.autodiff.ntk import NtkImplementation, empirical_ntk

@@ -37,11 +37,21 @@ def parse(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
     for path in gin_files:
         if not storage.exists(path):
             raise ConfigError(f"Gin file not found: {path}; pass an existing file to --gin_file (presets are in gin/).")
+    errors = (ValueError, KeyError, SyntaxError, TypeError, IOError, tokenize.TokenError)
     try:
-        gin.parse_config_files_and_bindings(list(gin_files), list(gin_params), finalize_config=False)
-    except (ValueError, KeyError, SyntaxError, TypeError, IOError, tokenize.TokenError) as error:
+        gin.parse_config_files_and_bindings(list(gin_files), [], finalize_config=False)
+    except errors as error:
         message = " ".join(str(error).split())
-        raise ConfigError(f"Invalid gin configuration: {message}") from error
+        raise ConfigError(f"Invalid gin configuration in {', '.join(gin_files)}: {message}") from error
+    for binding in gin_params:
+        try:
+            gin.parse_config(binding)
+        except errors as error:
+            message = " ".join(str(error).split())
+            raise ConfigError(
+                f"Invalid gin configuration in --gin_param {binding!r}: {message}; "
+                "write bindings as 'Configurable.parameter = value'."
+            ) from error
 
 
 def save_operative_config(path: str) -> None:

@@ -21,7 +21,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config file; repeat to layer several, later ones win.")
 flags.DEFINE_multi_string("gin_param", [], "Gin binding such as 'TrainingConfig.epochs = 4'; applied after the files.")
 flags.DEFINE_string(
-    "run_dir", None, "Run directory; default runs/<stem of the last --gin_file>. An existing one is resumed."
+    "run_dir", None, "Run directory; default runs/<name of the last --gin_file>. An existing one is resumed."
 )
 
 EXIT_INVALID_CONFIG = 2
@@ -29,8 +29,6 @@ EXIT_RUN_FAILED = 1
 
 
 def default_run_dir(gin_files: list[str]) -> str:
-    if not gin_files:
-        return os.path.join("runs", "default")
     stem = os.path.splitext(os.path.basename(gin_files[-1]))[0]
     return os.path.join("runs", stem)
 
@@ -46,12 +44,15 @@ class _DropLibraryInfo(python_logging.Filter):
 
 
 def _fail(code: int, message: str) -> None:
-    logging.error("%s", message)
+    """Prints one `error: ...` line (without gin's call-site suffix) and exits with `code`."""
+    message = " ".join(message.split(" In call to configurable")[0].split())
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
 
 def main(argv: list[str]) -> None:
+    if not FLAGS.gin_file:
+        _fail(EXIT_INVALID_CONFIG, "Missing --gin_file; pass a preset such as --gin_file gin/digits_quick.gin.")
     if len(argv) > 1:
         _fail(EXIT_INVALID_CONFIG, f"Unexpected arguments {argv[1:]}; use --gin_file, --gin_param and --run_dir.")
 

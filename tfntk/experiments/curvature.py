@@ -143,6 +143,7 @@ def measure(
     num_children: int,
     *,
     enabled: bool = True,
+    validate_only: bool = False,
     parents: Sequence[int] = (0,),
     max_snapshots: Optional[int] = 12,
     k: int = 1,
@@ -163,6 +164,8 @@ def measure(
       spawn_steps: unused; part of every stage's signature.
       num_children: unused; part of every stage's signature.
       enabled: False skips the stage.
+      validate_only: check the settings and return before any work (the main job does this
+        before training, so a bad setting costs no training time).
       parents: indices of the parents to measure, each in [0, common.NUM_PARENTS).
       max_snapshots: snapshots per parent (at least 2), chosen by `select_snapshot_steps`; None
         measures every snapshot.
@@ -194,6 +197,8 @@ def measure(
     del spawn_steps, num_children
     _validate(parents, max_snapshots, k, method, tol, max_iterations, examples, batch_size, bn_mode,
               weight_decay, escape_minibatches)
+    if validate_only:
+        return
 
     x, y = job.train_subset(examples)
     settings = CurvatureSettings(

@@ -239,6 +239,7 @@ def measure(
     num_children: int,
     *,
     enabled: bool = True,
+    validate_only: bool = False,
     analysis_examples: int = 100,
     trace_logits: bool = True,
     implementation: str = "jacobian",
@@ -258,6 +259,8 @@ def measure(
         velocity is known at every spawn epoch.
       num_children: children per spawn epoch; every pair of them is compared.
       enabled: False skips the stage.
+      validate_only: check the settings and return before any work (the main job does this
+        before training, so a bad setting costs no training time).
       analysis_examples: size m of the analysis subset, a stratified subset of the training set
         drawn with the job's seed (`tfntk.data.subsets.stratified_subset`). A smaller training
         set is used whole.
@@ -287,6 +290,8 @@ def measure(
         return
     _validate(job, analysis_examples, trace_logits, implementation, batch_size, max_snapshots, velocity_dt,
               velocity_tolerance, parents, centroid_cache_max_floats, centroid_memory_gib)
+    if validate_only:
+        return
     tolerance = velocity_dt / 2 if velocity_tolerance is None else float(velocity_tolerance)
     label = kernel_label(trace_logits)
 

@@ -131,6 +131,7 @@ def measure(
     num_children: int,
     *,
     enabled: bool = True,
+    validate_only: bool = False,
     onset_epochs: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 4.0),
     orders: Sequence[int] = (1,),
     learning_rate: float = 1e-3,
@@ -156,6 +157,8 @@ def measure(
       num_children: children per spawn epoch (unused here; the barrier is averaged over the
         child pairs found in the table).
       enabled: False skips the stage.
+      validate_only: check the settings and return before any work (the main job does this
+        before training, so a bad setting costs no training time).
       onset_epochs: parent epochs at which the expansions and the low-learning-rate children
         start, each rounded to the nearest step at which parent 0 has a snapshot. Onset 0 is
         the standard NTK at initialisation. An onset past the parent's final epoch raises.
@@ -189,6 +192,8 @@ def measure(
         low_lr_seeds=low_lr_seeds,
     )
     settings.validate(job)
+    if validate_only:
+        return
     onset_steps = onset_steps_for(job, settings.onset_epochs)
     started = time.time()
 

@@ -91,6 +91,8 @@ def main_job(
         job = common.Job(run, data, training, model, dict(model_kwargs or {}), seed, loop.make_strategy(strategy))
         job.new_model()
         spawn_steps = _validate(job, spawn_epochs, num_children, barrier_alphas)
+        for stage in _stages():
+            stage.measure(job, spawn_steps, num_children, validate_only=True)
     except (ValueError, TypeError) as error:
         raise InvalidSettingError(" ".join(str(error).split())) from error
     job.extra_snapshot_steps = tuple(spawn_steps)
@@ -116,8 +118,8 @@ def main_job(
         try:
             stage.measure(job, spawn_steps, num_children)
         except ValueError as error:
-            # NOTE: stage settings are checked when the stage starts, after training; the
-            # trained runs and earlier tables are kept, so a corrected rerun resumes here.
+            # Settings were checked before training; what remains is data-dependent (for example
+            # a cached analysis subset of another size). Trained runs and tables are kept.
             raise InvalidSettingError(" ".join(str(error).split())) from error
 
     logging.info("Phase: TensorBoard summaries, figures and report")
@@ -155,6 +157,11 @@ def _validate(job: "common.Job", spawn_epochs, num_children: int, barrier_alphas
     if barrier_alphas < 2:
         raise InvalidSettingError(f"Invalid main_job.barrier_alphas {barrier_alphas}; use 2 or more (the ends).")
     steps = sorted({int(round(float(e) * job.steps_per_epoch)) for e in spawn_epochs})
+    for epoch in spawn_epochs:
+        step = int(round(float(epoch) * job.steps_per_epoch))
+        if abs(step / job.steps_per_epoch - float(epoch)) > 1e-9:
+            logging.info("Spawn epoch %g is rounded to step %d (epoch %.3f), the nearest optimizer step.",
+                         float(epoch), step, step / job.steps_per_epoch)
     return steps
 
 
@@ -191,8 +198,9 @@ def _measure_basins(job, spawn_steps, num_children, alphas, barrier_train_exampl
         distance_rows.append(dict(common_keys, measure="function_space_distance", value=basins.function_space_distance(
             predictions_a, predictions_b, job.data.y_test, job.data.num_classes)))
         distance_rows.append(dict(common_keys, measure="weight_l2_distance", value=basins.weight_distance(weights_a, weights_b)))
-        logging.info("Measured %s %s (spawn epoch %s): test barrier %.4f", pair, f"{run_a.name}~{run_b.name}",
-                     spawn_epoch, barrier_rows[-2]["barrier"])
+        when = "independent parents" if pair == "parents" else f"spawn epoch {spawn_epoch:.3f}"
+        logging.info("Measured %s and %s (%s): test error barrier %.4f", run_a.name, run_b.name, when,
+                     barrier_rows[-2]["barrier"])
 
     storage.write_csv_atomic(run.table("interpolation"), pd.DataFrame(curve_rows))
     storage.write_csv_atomic(run.table("pair_distance"), pd.DataFrame(distance_rows))

@@ -51,6 +51,7 @@ def measure(
     num_children: int,
     *,
     enabled: bool = True,
+    validate_only: bool = False,
     every_epochs: Optional[float] = 1.0 / 3.0,
     barrier_alphas: int = 5,
     batch_norm_train_examples: Optional[int] = 1000,
@@ -69,6 +70,8 @@ def measure(
       spawn_steps: parent steps at which children were spawned.
       num_children: children per spawn epoch; every pair of them is compared.
       enabled: False skips the stage.
+      validate_only: check the settings and return before any work (the main job does this
+        before training, so a bad setting costs no training time).
       every_epochs: spacing, in epochs, of the steps measured over time: of the snapshots two runs
         share, the one nearest to each multiple of `every_epochs` is measured, plus the first and
         the last (see `grid_steps`). The default matches the children's snapshot grid, so the
@@ -98,6 +101,8 @@ def measure(
     tsne_test_examples = min(tsne_test_examples, job.data.num_test)
     _validate(job, spawn_steps, num_children, every_epochs, barrier_alphas, last_snapshots, tsne_test_examples,
               tsne_snapshots_per_run, tsne_perplexity, tsne_threads)
+    if validate_only:
+        return
     started = time.time()
 
     logging.info("Phase: function-space motion of children over time (%d spawn epochs)", len(spawn_steps))

@@ -231,6 +231,7 @@ def measure(
     num_children: int,
     *,
     enabled: bool = True,
+    validate_only: bool = False,
     spawn_epochs: Optional[Sequence[float]] = None,
     resolution: int = 21,
     margin: float = 0.3,
@@ -255,6 +256,8 @@ def measure(
       spawn_steps: the job's spawn steps.
       num_children: children per spawn epoch; the section uses children 0 and 1.
       enabled: False skips the stage.
+      validate_only: check the settings and return before any work (the main job does this
+        before training, so a bad setting costs no training time).
       spawn_epochs: spawn epochs to cut sections at, each rounded to the nearest step like the
         main job's spawn epochs and required to be one of `spawn_steps`. None takes the
         earliest and the latest spawn epoch whose children 0 and 1 finished.
@@ -271,8 +274,10 @@ def measure(
     if not enabled:
         logging.info("Sections are disabled; skipping.")
         return
-    selected = select_spawn_steps(job, spawn_steps, num_children, spawn_epochs)
     _validate_settings(resolution, margin, test_examples, batch_norm_examples)
+    if validate_only:
+        return
+    selected = select_spawn_steps(job, spawn_steps, num_children, spawn_epochs)
     if not selected:
         logging.info("Sections: no spawn epoch has two finished children; skipping.")
         return

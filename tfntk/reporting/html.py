@@ -18,7 +18,9 @@ CAPTIONS = {
         "the epoch at which they were spawned from parent 0: the extra error on the straight line "
         "between their weights. (C, D) ReLU activation distance and kernel distance between parent 0's "
         "snapshots at every pair of epochs. (E) ReLU, function-space and kernel distance between the "
-        "children at the end, against spawn epoch; dotted lines are the two independent parents. "
+        "children at the end, against spawn epoch; dotted lines are the two independent parents. The "
+        "function-space distance is the fraction of test inputs on which the two networks' labels differ, "
+        "divided by that of independent classifiers with the same error rates (1 = independent errors). "
         "Dashed black lines are learning-rate drops."
     ),
     "basin_fate": (
@@ -41,8 +43,8 @@ CAPTIONS = {
     ),
     "kernel_velocity": (
         "Kernel velocity: kernel distance between snapshots 0.4 epochs apart divided by their "
-        "separation in epochs. It is high early (the kernel learns fast) and slows once basin fate is "
-        "sealed."
+        "separation in epochs. A velocity that is high early and later settles means the kernel "
+        "learns fast before basin fate is sealed; the key numbers say whether this run settled."
     ),
     "barrier_vs_velocity": (
         "Error barrier between children against parent 0's kernel velocity at their spawn epoch, one "
@@ -84,7 +86,7 @@ CAPTIONS = {
         "A 2D section of weight space through parent 0 at the spawn epoch and the two children spawned "
         "there: test error, function-space distance to child 0, and the test error of the order-1 "
         "Taylor model linearized at the parent and at child 0 on the same plane, with the runs' paths "
-        "projected onto it."
+        "projected onto it. The spawn epoch is in the figure's title and name."
     ),
 }
 

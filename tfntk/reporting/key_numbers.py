@@ -78,6 +78,12 @@ def linearized_onset_ratio(linearized: Optional[pd.DataFrame], total_epochs: Opt
         return KeyNumber("linearized_onset_ratio", None, "Needs onset 0 and an early onset.", definition)
     best = early.loc[early["error"].idxmin()]
     ratio = float(at_zero.iloc[0]) / max(float(best["error"]), 1e-12)
-    return KeyNumber("linearized_onset_ratio", ratio,
-                     f"Linearizing at epoch {best['onset_epoch']:.3g} instead of 0 divides the test error by {ratio:.2f} "
-                     f"({float(at_zero.iloc[0]):.3f} to {float(best['error']):.3f}).", definition)
+    error_zero = float(at_zero.iloc[0])
+    error_best = float(best["error"])
+    if ratio >= 1.0:
+        text = (f"Linearizing at epoch {best['onset_epoch']:.3g} instead of 0 divides the test error by {ratio:.2f} "
+                f"({error_zero:.3f} to {error_best:.3f}).")
+    else:
+        text = (f"No early onset beats onset 0: the best, epoch {best['onset_epoch']:.3g}, has test error "
+                f"{error_best:.3f} against {error_zero:.3f} at onset 0 (ratio {ratio:.2f}).")
+    return KeyNumber("linearized_onset_ratio", ratio, text, definition)
