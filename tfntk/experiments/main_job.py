@@ -7,7 +7,11 @@ Stages, each skipped when its output exists so that rerunning the command resume
    epoch to the parent's final step, each with its own data-order seed;
 3. measure, at the end of training, the error barrier, function-space distance and weight
    distance between every pair of children of a spawn epoch and between the two parents;
-4. collect learning curves and draw the figures from the tables.
+4. collect learning curves, then run the measurement stages in `_stages()` (function-space
+   motion, kernel dynamics, curvature, linearized training, landscape sections);
+5. write TensorBoard summaries, draw the figures from the tables and write `report.html`.
+
+Every setting, the stages' included, is checked before the first training step.
 """
 
 from __future__ import annotations
