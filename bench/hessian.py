@@ -34,6 +34,8 @@ from tfntk.autodiff import hvp
 from tfntk.data import datasets
 from tfntk.measures import hessian
 
+from results_file import write_section  # noqa: E402  (a sibling module of this script)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("timing_models", ["simple_cnn", "resnet20"], "Models to time.")
 flags.DEFINE_integer("timing_batch_size", 128, "Examples per batch in the timing runs.")
@@ -284,26 +286,6 @@ def format_section(timing_rows, reference, solver_rows, train_steps, seconds):
         value = f"{np.mean(ratios):.2f} ({len(ratios)} seeds)" if ratios else "-"
         lines.append(f"- {label}: {value}")
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: str, section: str) -> None:
-    """Replaces this benchmark's section of `path`, or appends it, keeping other sections."""
-    text = ""
-    if os.path.exists(path):
-        with open(path) as handle:
-            text = handle.read()
-    start = text.find(SECTION)
-    if start < 0:
-        separator = "\n" if text and not text.endswith("\n\n") else ""
-        text = text + separator + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        end = len(text) if end < 0 else end + 1
-        text = text[:start] + section + ("\n" if end < len(text) else "") + text[end:]
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
 
 
 def main(argv):

@@ -31,6 +31,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from results_file import write_section  # noqa: E402  (a sibling module of this script)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
     "architectures",
@@ -335,26 +337,6 @@ def format_section(tf_rows, nt_rows, nt_note, versions, seconds, load_averages) 
     else:
         lines.append(f"Not measured: {nt_note}.")
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: str, section: str) -> None:
-    """Replaces this benchmark's section of `path`, or appends it, keeping other sections."""
-    text = ""
-    if os.path.exists(path):
-        with open(path) as handle:
-            text = handle.read()
-    start = text.find(SECTION)
-    if start < 0:
-        separator = "\n" if text and not text.endswith("\n\n") else ""
-        text = text + separator + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        end = len(text) if end < 0 else end + 1
-        text = text[:start] + section + ("\n" if end < len(text) else "") + text[end:]
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
 
 
 def main(argv):

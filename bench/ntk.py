@@ -41,6 +41,8 @@ from absl import flags
 # Lets `python bench/ntk.py` import tfntk from this checkout without installing it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from results_file import write_section  # noqa: E402  (a sibling module of this script)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
     "models", ["simple_cnn_digits", "simple_cnn_cifar", "resnet20_cifar"],
@@ -451,22 +453,6 @@ def format_section(rows: list[dict], sweep: list[dict], seconds: float) -> str:
                 f"{'yes' if row['peak_gib'] <= FLAGS.memory_budget_gib else 'no'} |"
             )
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: str, section: str) -> None:
-    """Replaces this benchmark's section of `path`, or appends it, keeping other sections."""
-    text = ""
-    if os.path.exists(path):
-        with open(path) as handle:
-            text = handle.read()
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    with open(path, "w") as handle:
-        handle.write(text)
 
 
 def main(argv):

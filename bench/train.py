@@ -54,6 +54,8 @@ from tfntk.training import loop
 from tfntk.training import schedules
 from tfntk.training.snapshots import SnapshotStore
 
+from results_file import write_section  # noqa: E402  (a sibling module of this script)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("what", ["preset", "resnet_epoch", "throughput", "pipeline"], "Measurements to run.")
 flags.DEFINE_string("preset_gin", "gin/digits_quick.gin", "Gin file of the preset measurement.")
@@ -720,30 +722,6 @@ def format_section(results: dict, seconds: float) -> str:
     if "pipeline" in results:
         lines += format_pipeline(results["pipeline"])
     return "\n".join(lines).rstrip() + "\n"
-
-
-def write_section(path: str, section: str) -> None:
-    """Replaces this benchmark's section of `path`, or appends it, keeping other sections."""
-    text = "# Benchmark results\n\n"
-    if os.path.exists(path):
-        with open(path) as handle:
-            text = handle.read()
-    start = text.find(SECTION)
-    if start < 0:
-        separator = "\n\n"
-        if text.endswith("\n\n"):
-            separator = ""
-        elif text.endswith("\n"):
-            separator = "\n"
-        text = text + separator + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        end = len(text) if end < 0 else end + 1
-        text = text[:start] + section + ("\n" if end < len(text) else "") + text[end:]
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
 
 
 def main(argv):

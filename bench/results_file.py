@@ -1,0 +1,31 @@
+"""Writes one benchmark's section of bench/RESULTS.md, keeping every other section."""
+
+from __future__ import annotations
+
+import os
+
+
+def write_section(path: str, section: str) -> None:
+    """Replaces the section of `path` whose heading is `section`'s first line, or appends it.
+
+    A section runs from its `## ` heading to the next `## ` heading or the end of the file. The
+    file is rewritten through a temporary file, so a reader sees the old or the new text.
+    """
+    heading = section.splitlines()[0]
+    text = ""
+    if os.path.exists(path):
+        with open(path) as handle:
+            text = handle.read()
+
+    start = text.find(heading)
+    if start < 0:
+        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section
+    else:
+        end = text.find("\n## ", start + len(heading))
+        end = len(text) if end < 0 else end + 1
+        text = text[:start] + section + ("\n" if end < len(text) else "") + text[end:]
+
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
