@@ -315,7 +315,8 @@ def test_warm_start_needs_fewer_hvps(method):
         **arguments,
     )
 
-    assert cold.converged.all() and warm.converged.all()
+    assert cold.converged.all()
+    assert warm.converged.all()
     np.testing.assert_allclose(warm.eigenvalues, cold.eigenvalues, rtol=1e-8)
     assert warm.num_hvps < cold.num_hvps
 

@@ -3,9 +3,9 @@ r"""Command line: parse gin files and bindings, then run the main job in a run d
     python -m tfntk.run --gin_file gin/digits_quick.gin \
         [--gin_file more.gin ...] [--gin_param 'TrainingConfig.epochs = 4' ...] [--run_dir DIR]
 
-Rerunning the same command on an existing run directory resumes it. Exit status: 0 on success,
-2 for an invalid configuration (nothing is trained), 1 when a run fails (the message names the
-value and the fix; snapshots already stored are kept).
+Rerunning the same command on an existing run directory resumes it. Exit status 0 means success
+and 2 an invalid configuration, rejected before any training. Exit status 1 means a run failed;
+the message names the value and the fix, and snapshots already stored are kept.
 """
 
 from __future__ import annotations

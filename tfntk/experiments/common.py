@@ -1,4 +1,4 @@
-"""What every protocol shares: building models, training parents and children, loading weights."""
+"""Shared pieces of every protocol: building models, training parents and children, loading weights."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ NUM_PARENTS = 2
 
 
 def derive_seed(*keys: int) -> int:
-    """A seed in [0, 2**31) that depends on every key; used for parents' and children's seeds."""
+    """Returns a seed in [0, 2**31) that depends on every key, for parents' and children's runs."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0] % (2**31))
 
 
@@ -62,7 +62,7 @@ class Job:
         return sorted(set(steps) | set(self.extra_snapshot_steps))
 
     def child_snapshot_steps(self) -> list[int]:
-        """The parent's snapshot steps plus one every `child_snapshot_every_epochs`.
+        """Returns the parent's snapshot steps plus one every `child_snapshot_every_epochs`.
 
         The regular grid lets children of one spawn epoch be compared at the same steps while
         they train (every third of an epoch by default).
@@ -129,7 +129,7 @@ class Job:
         return self.weights_at(model, paths, None)
 
     def train_subset(self, size: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
-        """A fixed stratified subset of the training set (all of it when `size` is None or larger)."""
+        """Returns a fixed stratified training subset (all of it when `size` is None or larger)."""
         if size is None or size >= self.data.num_train:
             return self.data.x_train, self.data.y_train
         indices = subsets.stratified_subset(self.data.y_train, size, seed=self.seed)

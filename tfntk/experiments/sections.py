@@ -20,7 +20,7 @@ Batch norm: when the model has batch norm, every network of the section is evalu
 batch-norm statistics recomputed on a fixed training subset, as for the error barrier. That holds
 for each grid point, for child 0 as the reference of the function-space distance, and for the two
 expansion points of the Taylor models. Without batch norm every network takes the parent's
-non-trainable state at the spawn step. The table column `non_trainable_state` says which.
+non-trainable state at the spawn step. The table column `non_trainable_state` records which.
 
 Work units: every grid row (one value of a) is cached under
 `analysis/sections/spawn_<EPOCH>/row_<i>.npz`, the tangent-plane errors in `tangent.npz` and the

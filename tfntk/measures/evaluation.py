@@ -80,9 +80,9 @@ def recompute_batch_norm_statistics(
 ) -> Weights:
     """Returns `weights` with every batch-norm moving mean and variance recomputed on `x`.
 
-    Each statistic becomes the example-weighted mean over batches of `x` of that layer's batch
-    statistic (Keras' biased batch variance), with all earlier layers in training mode, which is
-    what a moving average with momentum close to 1 converges to over many passes. The
+    Each statistic becomes the example-weighted mean, over batches of `x`, of that layer's batch
+    statistic (Keras' biased batch variance) with all earlier layers in training mode. A moving
+    average with momentum close to 1 converges to the same value over many passes. The
     computation starts each batch from zero moving statistics, so one training-mode call
     returns `(1 - momentum) * batch_statistic` exactly for each of them.
 

@@ -24,7 +24,7 @@ class KeyNumber:
 
 
 def first_spawn_below_barrier(barriers: Optional[pd.DataFrame], threshold: float = BARRIER_THRESHOLD) -> KeyNumber:
-    """The first spawn epoch whose mean test error barrier between children is below `threshold`."""
+    """Finds the first spawn epoch whose mean test error barrier between children is below `threshold`."""
     definition = (
         f"The earliest spawn epoch at which the test error barrier between children (mean over child "
         f"pairs) is below {threshold:.0%}, and stays below it for every later spawn epoch measured."
@@ -41,7 +41,7 @@ def first_spawn_below_barrier(barriers: Optional[pd.DataFrame], threshold: float
 
 
 def velocity_settling_epoch(velocity: Optional[pd.DataFrame], tolerance: float = VELOCITY_TOLERANCE) -> KeyNumber:
-    """The epoch after which parent 0's kernel velocity stays within `tolerance` of its final level."""
+    """Finds the epoch after which parent 0's kernel velocity stays within `tolerance` of its final level."""
     definition = (
         f"The final level is the mean kernel velocity over the last three measured epochs of parent 0; "
         f"the number is the earliest epoch after which every measured velocity is within "

@@ -46,9 +46,9 @@ def write_text(run_dir: str, run_name: str, tag: str, text: str, step: int = 0) 
 def write_hparams(run_dir: str, curves) -> None:
     """Writes an hparams table across parent and child runs from `tables/learning_curves.csv`.
 
-    Each run's hyperparameters are its role, index and spawn epoch (-1 for parents); its metrics
-    are the final test and train error, written as scalars `hparams/final_test_error` and
-    `hparams/final_train_error` at the final step.
+    Each run's hyperparameters are its role, index and spawn epoch (-1 for parents). Its metrics
+    are the final test and train error, written at the final step as the scalars
+    `hparams/final_test_error` and `hparams/final_train_error`.
     """
     # pylint: disable=import-outside-toplevel
     from tensorboard.plugins.hparams import api as hp

@@ -124,8 +124,8 @@ def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
 
     Args:
       kind: "auto" uses `MirroredStrategy` when more than one GPU is visible and the default
-        strategy otherwise; "mirrored" always uses `MirroredStrategy` over every visible GPU, or
-        over all logical CPUs when there is no GPU; "default" never distributes.
+        strategy otherwise. "mirrored" always uses `MirroredStrategy`, over every visible GPU or,
+        without GPUs, over all logical CPUs. "default" never distributes.
     """
     gpus = tf.config.list_logical_devices("GPU")
     if kind == "default" or (kind == "auto" and len(gpus) < 2):

@@ -14,7 +14,7 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     Args:
       base_learning_rate: learning rate before the first drop.
-      drop_steps: optimizer steps at which the rate is multiplied by `factor`; the update with
+      drop_steps: optimizer steps at which the rate is multiplied by `factor`. The update with
         iteration index `drop_steps[i]` (0-based) is the first to use the lower rate.
       factor: multiplier per drop, for example 0.1.
     """
@@ -46,7 +46,7 @@ def drop_steps(drop_epochs: Sequence[float], steps_per_epoch: int) -> list[int]:
 def learning_rate_at_epoch(
     base_learning_rate: float, drop_epochs: Sequence[float], factor: float, epoch: float
 ) -> float:
-    """The learning rate in use at `epoch` (the value just after it when `epoch` is a drop)."""
+    """Returns the learning rate in use at `epoch`, the lower one when `epoch` is a drop."""
     drops = sum(1 for drop in drop_epochs if epoch >= drop)
     return float(base_learning_rate * factor**drops)
 

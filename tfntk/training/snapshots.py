@@ -63,8 +63,8 @@ class SnapshotStore:
         """Writes a checkpoint for `step` and returns its path prefix.
 
         `tf.train.Checkpoint.write` writes the data files before the index file, so a killed
-        write leaves no readable checkpoint at this prefix; the row in `snapshots.csv`, written
-        after it, is what makes a snapshot count.
+        write leaves no readable checkpoint at this prefix. A snapshot counts only once its row
+        in `snapshots.csv`, written after the checkpoint, exists.
         """
         storage.makedirs(self.paths.checkpoints)
         return checkpoint.write(self.paths.checkpoint_prefix(step))
