@@ -35,14 +35,14 @@ def measured(trained_job):
     """Runs the stage once, recording the warm-start vectors passed to the eigenvalue solver."""
     job, spawn_steps, num_children = trained_job
     initial_vectors = []
-    solver = hessian.hessian_top_eigenvalues
+    solver = hessian.top_eigenvalues_of_loss
 
     def recording_solver(*args, **kwargs):
         initial_vectors.append(kwargs.get("initial_vectors"))
         return solver(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hessian, "hessian_top_eigenvalues", recording_solver)
+        patch.setattr(hessian, "top_eigenvalues_of_loss", recording_solver)
         curvature.measure(job, spawn_steps, num_children, **SETTINGS)
     tables = {name: storage.read_csv(job.run.table(name)) for name in ("hessian", "escape_threshold")}
     return job, tables, initial_vectors
@@ -72,8 +72,8 @@ def forbid_measuring(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the stage measured a snapshot although its result was cached")
 
-    monkeypatch.setattr(hessian, "hessian_top_eigenvalues", fail)
-    monkeypatch.setattr(escape, "escape_threshold", fail)
+    monkeypatch.setattr(hessian, "top_eigenvalues_of_loss", fail)
+    monkeypatch.setattr(escape, "escape_threshold_of_loss", fail)
 
 
 def test_snapshot_selection_spread():

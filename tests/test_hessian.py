@@ -294,6 +294,36 @@ def test_top_eigenvalues_match_dense_hessian(method):
     assert np.linalg.norm(flat(result.eigenvectors[0])) == pytest.approx(1.0, rel=1e-10)
 
 
+def test_reused_loss_traces_once():
+    model = build_tanh_model()
+    batches = classification_batches()
+    minibatches = batches[:2]
+    training_loss = hvp.TrainingLoss(model, hvp.LossSpec(CROSS_ENTROPY), batches)
+    start = [v.numpy() for v in model.trainable_variables]
+    moved = [w + 0.3 * d for w, d in zip(start, random_weight_vector(model, seed=7))]
+
+    for weights in (start, moved):
+        reused = hessian.top_eigenvalues_of_loss(
+            training_loss, k=2, tol=1e-7, max_iterations=200, weights=weights
+        )
+        fresh = hessian.hessian_top_eigenvalues(
+            model, CROSS_ENTROPY, batches, k=2, tol=1e-7, max_iterations=200, weights=weights
+        )
+        np.testing.assert_allclose(reused.eigenvalues, fresh.eigenvalues, rtol=1e-12)
+        assert reused.num_hvps == fresh.num_hvps
+
+        reused_threshold = escape.escape_threshold_of_loss(
+            training_loss, minibatches, 0.1, weights=weights
+        )
+        fresh_threshold = escape.escape_threshold(
+            model, CROSS_ENTROPY, batches, minibatches, 0.1, weights=weights
+        )
+        np.testing.assert_allclose(reused_threshold.values, fresh_threshold.values, rtol=1e-12)
+
+    assert training_loss._batch_hvp.experimental_get_tracing_count() == 1
+    assert training_loss._batch_loss_and_gradient.experimental_get_tracing_count() == 1
+
+
 @pytest.mark.parametrize("method", ["lanczos", "power"])
 def test_warm_start_needs_fewer_hvps(method):
     model = build_tanh_model()

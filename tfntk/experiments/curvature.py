@@ -222,9 +222,17 @@ def measure(
         settings.examples,
     )
     model = job.new_model()
+    # One loss for every snapshot and parent, so that its tf.functions are traced only once.
+    training_loss = hvp.TrainingLoss(
+        model,
+        hvp.LossSpec(CROSS_ENTROPY, bn_mode=settings.bn_mode, weight_decay=settings.weight_decay),
+        data.batches,
+    )
     hessian_rows, escape_rows = [], []
     for index, snapshots in plan.items():
-        new_hessian_rows, new_escape_rows = _measure_parent(job, model, index, snapshots, data, settings)
+        new_hessian_rows, new_escape_rows = _measure_parent(
+            job, training_loss, index, snapshots, data, settings
+        )
         hessian_rows.extend(new_hessian_rows)
         escape_rows.extend(new_escape_rows)
 
@@ -343,8 +351,9 @@ def _eigenvectors_path(job: common.Job, run: str) -> str:
     return job.run.analysis(f"hessian/{run}/eigenvectors.npz")
 
 
-def _measure_parent(job, model, index, snapshots, data, settings) -> tuple[list, list]:
+def _measure_parent(job, training_loss, index, snapshots, data, settings) -> tuple[list, list]:
     """Measures (or reads from the cache) every planned snapshot of one parent, in step order."""
+    model = training_loss.model
     paths = job.parent_paths(index)
     key = settings.key()
     initial_vectors = _load_eigenvectors(job, paths.name, model)
@@ -356,7 +365,9 @@ def _measure_parent(job, model, index, snapshots, data, settings) -> tuple[list,
         if cache is None:
             snapshot_started = time.time()
             weights = job.weights_at(model, paths, snapshot.step)
-            cache, eigenvectors = _measure_snapshot(model, weights, data, snapshot, settings, initial_vectors)
+            cache, eigenvectors = _measure_snapshot(
+                training_loss, weights, data, snapshot, settings, initial_vectors
+            )
             storage.save_npz_atomic(
                 _eigenvectors_path(job, snapshot.run), step=snapshot.step, vectors=eigenvectors
             )
@@ -376,25 +387,22 @@ def _measure_parent(job, model, index, snapshots, data, settings) -> tuple[list,
     return hessian_rows, escape_rows
 
 
-def _measure_snapshot(model, weights, data, snapshot, settings, initial_vectors) -> tuple[dict, np.ndarray]:
-    """Computes one snapshot's eigenpairs and escape thresholds.
+def _measure_snapshot(
+    training_loss, weights, data, snapshot, settings, initial_vectors
+) -> tuple[dict, np.ndarray]:
+    """Computes one snapshot's eigenpairs and escape thresholds on `training_loss` at `weights`.
 
     Returns:
       (cache, eigenvectors): the arrays stored for the snapshot, and the unit eigenvectors as a
       (k, d) array of the model's dtype.
     """
-    # NOTE: both measures build their own `hvp.TrainingLoss`, so their `tf.function`s are traced
-    # again at every snapshot. For small models such as SimpleCNN on digits, the tracing is a
-    # large part of the time per snapshot.
-    loss_settings = dict(bn_mode=settings.bn_mode, weight_decay=settings.weight_decay)
-    result = hessian.hessian_top_eigenvalues(
-        model, CROSS_ENTROPY, data.batches, k=settings.k, method=settings.method, tol=settings.tol,
+    result = hessian.top_eigenvalues_of_loss(
+        training_loss, k=settings.k, method=settings.method, tol=settings.tol,
         max_iterations=settings.max_iterations, initial_vectors=initial_vectors, weights=weights,
-        seed=settings.seed, **loss_settings,
+        seed=settings.seed,
     )
-    threshold = escape.escape_threshold(
-        model, CROSS_ENTROPY, data.batches, data.minibatches, snapshot.learning_rate, weights=weights,
-        **loss_settings,
+    threshold = escape.escape_threshold_of_loss(
+        training_loss, data.minibatches, snapshot.learning_rate, weights=weights
     )
     cache = {
         "eigenvalues": result.eigenvalues,

@@ -102,11 +102,27 @@ def escape_threshold(
       An `EscapeThresholdResult`. If the full-data gradient is zero, the threshold is
       undefined: values are NaN and a warning is logged.
     """
+    spec = hvp_lib.LossSpec(loss_fn, bn_mode, weight_decay, decay_mask)
+    return escape_threshold_of_loss(
+        hvp_lib.TrainingLoss(model, spec, data), minibatches, learning_rate, weights=weights
+    )
+
+
+def escape_threshold_of_loss(
+    training_loss: hvp_lib.TrainingLoss,
+    minibatches: Iterable,
+    learning_rate: float,
+    weights=None,
+) -> EscapeThresholdResult:
+    """Estimates the escape threshold of SGD steps for a prebuilt `hvp.TrainingLoss`.
+
+    The same computation as `escape_threshold`, whose docstring defines the threshold and the
+    arguments. The minibatch gradients use `training_loss`'s loss conventions. Reusing one
+    instance across calls at different `weights` traces its `tf.function`s only once.
+    """
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}.")
-    weights = functional.resolve_weights(model, weights)
-    spec = hvp_lib.LossSpec(loss_fn, bn_mode, weight_decay, decay_mask)
-    training_loss = hvp_lib.TrainingLoss(model, spec, data)
+    weights = functional.resolve_weights(training_loss.model, weights)
 
     _, gradient = training_loss.value_and_gradient(weights)
     gradient_norm_squared = float(functional.dot(gradient, gradient))

@@ -64,7 +64,7 @@ class _FlatHessian:
         self.weights = weights
         self.shapes = [tuple(t.shape) for t in weights.trainable]
         self.sizes = [int(np.prod(shape)) for shape in self.shapes]
-        self.dtype = weights.trainable[0].dtype
+        self.dtype = tf.as_dtype(weights.trainable[0].dtype)
         self.dimension = sum(self.sizes)
         self.eps = float(np.finfo(self.dtype.as_numpy_dtype).eps)
         self.num_hvps = 0
@@ -307,11 +307,39 @@ def hessian_top_eigenvalues(
     Raises:
       ValueError: for an unknown method, k <= 0, k > d, tol <= 0 or max_iterations <= 0.
     """
-    weights = functional.resolve_weights(model, weights)
+    spec = hvp_lib.LossSpec(loss_fn, bn_mode, weight_decay, decay_mask)
+    return top_eigenvalues_of_loss(
+        hvp_lib.TrainingLoss(model, spec, data),
+        k=k,
+        method=method,
+        tol=tol,
+        max_iterations=max_iterations,
+        initial_vectors=initial_vectors,
+        weights=weights,
+        seed=seed,
+    )
+
+
+def top_eigenvalues_of_loss(
+    training_loss: hvp_lib.TrainingLoss,
+    k: int = 1,
+    method: str = "lanczos",
+    tol: float = 1e-4,
+    max_iterations: int = 100,
+    initial_vectors: Sequence[Sequence[tf.Tensor]] | None = None,
+    weights=None,
+    seed: int = 0,
+) -> HessianEigenResult:
+    """Computes the k largest algebraic eigenvalues of the Hessian of `training_loss`.
+
+    The same computation as `hessian_top_eigenvalues`, whose docstring describes the methods and
+    arguments, on a prebuilt `hvp.TrainingLoss`. Reusing one instance across calls at different
+    `weights` (for example at the snapshots of a run) traces its `tf.function`s only once.
+    """
+    weights = functional.resolve_weights(training_loss.model, weights)
     dimension = sum(int(np.prod(t.shape)) for t in weights.trainable)
     _validate(k, method, tol, max_iterations, dimension)
-    spec = hvp_lib.LossSpec(loss_fn, bn_mode, weight_decay, decay_mask)
-    operator = _FlatHessian(hvp_lib.TrainingLoss(model, spec, data), weights)
+    operator = _FlatHessian(training_loss, weights)
     rng = np.random.default_rng(seed)
     initial = [operator.to_flat(v) for v in (initial_vectors or [])]
 
