@@ -5,9 +5,11 @@ Two measurements:
      batches, for SimpleCNN and ResNet-20 (batch norm, inference-mode loss) on random 32x32x3
      inputs. Forward-over-reverse should cost a small multiple of a gradient.
   2. Hessian-vector products that Lanczos and power iteration need for the top eigenvalue of
-     SimpleCNN, trained briefly with SGD on the digits dataset. Counted: products until the
-     estimate stays within each of `--relative_accuracies` of a reference value from a long
-     Lanczos run, and products until the stopping rule `|H v - lambda v| <= tol |lambda|`.
+     SimpleCNN on the digits dataset, at several points of an SGD run (`--train_steps`). Counted,
+     from each of `--seeds` random start vectors: products until the estimate stays within each
+     of `--relative_accuracies` of a reference value from a long Lanczos run, and products until
+     the stopping rule `|H v - lambda v| <= tol |lambda|` holds. The ratio of the two methods'
+     counts depends on the spectrum, so each point also reports lambda_2 / lambda_1.
 
 Usage:
   python bench/hessian.py --results=bench/RESULTS.md
@@ -41,9 +43,14 @@ flags.DEFINE_list("timing_models", ["simple_cnn", "resnet20"], "Models to time."
 flags.DEFINE_integer("timing_batch_size", 128, "Examples per batch in the timing runs.")
 flags.DEFINE_integer("timing_num_batches", 2, "Batches per gradient or product in the timing.")
 flags.DEFINE_integer("timing_repeats", 7, "Timed calls of each kind; the median is reported.")
-flags.DEFINE_integer("train_steps", 300, "SGD steps on digits before the eigenvalue runs.")
+flags.DEFINE_list(
+    "train_steps", ["0", "30", "300", "1500"],
+    "SGD steps on digits after which the solvers are compared, in increasing order.",
+)
 flags.DEFINE_float("train_learning_rate", 0.05, "SGD learning rate of that training.")
-flags.DEFINE_integer("hessian_examples", 256, "Training examples in the Hessian's loss.")
+flags.DEFINE_integer(
+    "hessian_examples", 512, "Training examples in the Hessian's loss (the curvature stage's default)."
+)
 flags.DEFINE_integer("reference_iterations", 200, "Largest Krylov dimension of the reference.")
 flags.DEFINE_integer("lanczos_iterations", 60, "Largest Lanczos Krylov dimension compared.")
 flags.DEFINE_integer("power_iterations", 300, "Largest number of power iterations compared.")
@@ -51,7 +58,7 @@ flags.DEFINE_list(
     "relative_accuracies", ["1e-4", "1e-6"], "Relative errors of the top eigenvalue to reach."
 )
 flags.DEFINE_float("tol", 1e-4, "Relative residual tolerance of the compared runs.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the random start vectors.")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4", "5"], "Seeds of the random start vectors.")
 flags.DEFINE_string("results", None, "Markdown file to append or update the section in.")
 
 SECTION = "## Hessian (bench/hessian.py)"
@@ -114,10 +121,11 @@ def time_hvp_against_gradient(model_name: str) -> dict:
     return row
 
 
-def train_digits_model() -> tuple[keras.Model, list, int]:
-    """Trains SimpleCNN on digits with plain SGD.
+def trained_digits_models():
+    """Trains SimpleCNN on digits with plain SGD, pausing at each of `--train_steps`.
 
-    Returns the model, the batches of the Hessian's loss and the number of SGD steps.
+    Yields (SGD steps so far, model, batches of the Hessian's loss). The model is trained further
+    after each yield, so a consumer must finish with it before asking for the next point.
     """
     data = datasets.load_dataset("digits")
     model = models.build_model("simple_cnn", data.input_shape, data.num_classes, seed=0)
@@ -125,24 +133,25 @@ def train_digits_model() -> tuple[keras.Model, list, int]:
         optimizer=keras.optimizers.SGD(FLAGS.train_learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    batch_size = 64
     train_data = (
         tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train))
         .shuffle(data.num_train, seed=0)
         .repeat()
-        .batch(batch_size)
+        .batch(64)
     )
-    history = model.fit(train_data, epochs=1, steps_per_epoch=FLAGS.train_steps, verbose=0)
-    logging.info(
-        "Trained %d SGD steps, final training loss %.4f.",
-        FLAGS.train_steps,
-        history.history["loss"][-1],
-    )
-
     count = FLAGS.hessian_examples
     x, y = data.x_train[:count], data.y_train[:count]
     batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, count, 256)]
-    return model, batches, FLAGS.train_steps
+
+    done = 0
+    for steps in sorted(int(s) for s in FLAGS.train_steps):
+        if steps > done:
+            history = model.fit(train_data, epochs=1, steps_per_epoch=steps - done, verbose=0)
+            logging.info(
+                "Trained to %d SGD steps, training loss %.4f.", steps, history.history["loss"][-1]
+            )
+            done = steps
+        yield steps, model, batches
 
 
 def hvps_to_accuracy(history: np.ndarray, reference: float, accuracy: float) -> int | None:
@@ -156,56 +165,78 @@ def hvps_to_accuracy(history: np.ndarray, reference: float, accuracy: float) -> 
     return int(outside[-1] + 2)
 
 
-def compare_solvers(model: keras.Model, batches: list) -> tuple[float, int, float, list]:
-    """Runs both methods from each seed.
+def compare_solvers(steps: int, model: keras.Model, batches: list) -> dict:
+    """Runs both methods from each seed on the Hessian of `model`'s loss over `batches`.
 
-    Returns the reference value, its product count, its measured relative residual and one
-    row per (seed, method).
+    Returns a dict with the training point, the reference's two top eigenvalues, its product
+    count and measured relative residual, and `runs`, one dict per (seed, method).
     """
     reference = hessian.hessian_top_eigenvalues(
         model,
         CROSS_ENTROPY,
         batches,
-        k=1,
+        k=2,
         tol=REFERENCE_TOL,
         max_iterations=FLAGS.reference_iterations,
         seed=1000,
     )
-    reference_value = float(reference.eigenvalues[0])
+    top_value = float(reference.eigenvalues[0])
+    point = dict(
+        steps=steps,
+        eigenvalues=[float(v) for v in reference.eigenvalues],
+        reference_hvps=reference.num_hvps,
+        reference_residual=float(reference.residual_norms[0] / abs(top_value)),
+        runs=[],
+    )
     logging.info(
-        "Reference top eigenvalue %.8g (measured relative residual %.2g, %d products).",
-        reference_value,
-        reference.residual_norms[0] / abs(reference_value),
+        "After %d steps: reference eigenvalues %s (relative residual %.2g, %d products).",
+        steps,
+        point["eigenvalues"],
+        point["reference_residual"],
         reference.num_hvps,
     )
 
-    rows = []
     for seed in (int(s) for s in FLAGS.seeds):
         for method, budget in (
             ("lanczos", FLAGS.lanczos_iterations),
             ("power", FLAGS.power_iterations),
         ):
-            start = time.perf_counter()
             result = hessian.hessian_top_eigenvalues(
                 model, CROSS_ENTROPY, batches, k=1, method=method, tol=FLAGS.tol,
                 max_iterations=budget, seed=seed,
             )
-            row = dict(
-                seed=seed,
-                method=method,
-                stop_hvps=result.num_hvps if result.converged[0] else None,
-                seconds=time.perf_counter() - start,
+            run = dict(
+                seed=seed, method=method, stop=result.num_hvps if result.converged[0] else None
             )
             # Once the residual is below tol, the eigenvalue error is of order tol^2, so the
             # history up to the stop shows when each accuracy is reached.
             for accuracy in FLAGS.relative_accuracies:
-                row[accuracy] = hvps_to_accuracy(
-                    result.top_eigenvalue_history, reference_value, float(accuracy)
+                run[accuracy] = hvps_to_accuracy(
+                    result.top_eigenvalue_history, top_value, float(accuracy)
                 )
-            rows.append(row)
-            logging.info("Solver run %s", row)
-    reference_residual = float(reference.residual_norms[0] / abs(reference_value))
-    return reference_value, reference.num_hvps, reference_residual, rows
+            point["runs"].append(run)
+            logging.info("Solver run after %d steps: %s", steps, run)
+    return point
+
+
+def count_summary(point: dict, key: str) -> tuple[str, str, str]:
+    """Formats the counts of both methods for `key` and the ratio of their means.
+
+    Returns (Lanczos counts, power counts, ratio); the ratio is '-' unless every run of both
+    methods reached the target within its budget.
+    """
+    counts = {
+        method: [run[key] for run in point["runs"] if run["method"] == method]
+        for method in ("lanczos", "power")
+    }
+    cells = [
+        ", ".join("-" if c is None else str(c) for c in counts[method])
+        for method in ("lanczos", "power")
+    ]
+    if any(c is None for method in counts for c in counts[method]):
+        return cells[0], cells[1], "-"
+    ratio = np.mean(counts["lanczos"]) / np.mean(counts["power"])
+    return cells[0], cells[1], f"{ratio:.2f}"
 
 
 def cpu_description() -> str:
@@ -228,14 +259,13 @@ def load_average() -> str:
         return "unknown"
 
 
-def format_section(timing_rows, reference, solver_rows, train_steps, seconds):
-    reference_value, reference_hvps, reference_residual = reference
+def format_section(timing_rows, points, seconds):
     lines = [
         SECTION,
         "",
         f"Machine: {cpu_description()}, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
         f"float32, CPU only. Load average at the end of the run: {load_average()} (other jobs "
-        "shared the cores, so times are noisy and ratios more reliable than absolute values).",
+        "may share the cores, so times are noisy and ratios more reliable than absolute values).",
         "",
         f"Command: `python {' '.join(sys.argv)}` ({seconds:.0f} s in total).",
         "",
@@ -252,39 +282,38 @@ def format_section(timing_rows, reference, solver_rows, train_steps, seconds):
             f"| {row['model']} | {row['parameters']:,} | {row['gradient_ms']:.1f} | "
             f"{row['hvp_ms']:.1f} | {row['ratio']:.2f} |"
         )
-    accuracies = FLAGS.relative_accuracies
+
+    keys = [(accuracy, f"to {accuracy}") for accuracy in FLAGS.relative_accuracies]
+    keys.append(("stop", "stop"))
     lines += [
         "",
-        f"Hessian-vector products for the top eigenvalue of SimpleCNN on digits (8x8x1) after "
-        f"{train_steps} SGD steps (learning rate {FLAGS.train_learning_rate}, batch 64), Hessian "
-        f"of the mean loss over {FLAGS.hessian_examples} training examples. Columns 'to a': "
-        f"products until the estimate stays within relative error a of the reference "
-        f"{reference_value:.7g} (Lanczos run until its residual estimate fell below "
-        f"{REFERENCE_TOL:g}: {reference_hvps} products, measured relative residual "
-        f"{reference_residual:.1e}). "
-        f"'stop': products until the stopping rule |Hv - lambda v| <= {FLAGS.tol:g} |lambda| "
-        f"holds, including the one residual check of Lanczos. Budgets: Lanczos "
-        f"{FLAGS.lanczos_iterations}, power {FLAGS.power_iterations} products; '-' means not "
-        f"reached within the budget.",
+        f"Hessian-vector products for the top eigenvalue of SimpleCNN on digits (8x8x1) at "
+        f"several points of one SGD run (learning rate {FLAGS.train_learning_rate}, batch 64); "
+        f"the Hessian is that of the mean loss over {FLAGS.hessian_examples} training examples. "
+        f"Each method starts from the random vectors of seeds {', '.join(FLAGS.seeds)}; the "
+        "counts are listed in seed order. 'to a': products until the estimate stays within "
+        "relative error a of the reference, a Lanczos run with k = 2 stopped at residual "
+        f"{REFERENCE_TOL:g} or {FLAGS.reference_iterations} products. 'stop': products until "
+        f"the stopping rule |Hv - lambda v| <= {FLAGS.tol:g} |lambda| holds, including the one "
+        f"residual check of Lanczos. Budgets: Lanczos {FLAGS.lanczos_iterations}, power "
+        f"{FLAGS.power_iterations} products; '-' means not reached within the budget. The ratio "
+        "is Lanczos's mean count over power iteration's.",
         "",
-        "| seed | method | " + " | ".join(f"to {a}" for a in accuracies) + " | stop | seconds |",
-        "|---:|---|" + "---:|" * (len(accuracies) + 2),
+        "| SGD steps | lambda_1 | lambda_2 / lambda_1 | reference residual | counted | Lanczos | "
+        "power | Lanczos / power |",
+        "|---:|---:|---:|---:|---|---|---|---:|",
     ]
-    for row in solver_rows:
-        counts = [row[a] for a in accuracies] + [row["stop_hvps"]]
-        cells = " | ".join("-" if c is None else str(c) for c in counts)
-        lines.append(f"| {row['seed']} | {row['method']} | {cells} | {row['seconds']:.1f} |")
-
-    lines += ["", "Lanczos / power, mean over seeds where both reached the target:", ""]
-    for key in list(accuracies) + ["stop_hvps"]:
-        ratios = []
-        for seed in {row["seed"] for row in solver_rows}:
-            by_method = {r["method"]: r[key] for r in solver_rows if r["seed"] == seed}
-            if by_method.get("lanczos") and by_method.get("power"):
-                ratios.append(by_method["lanczos"] / by_method["power"])
-        label = "stop" if key == "stop_hvps" else f"to {key}"
-        value = f"{np.mean(ratios):.2f} ({len(ratios)} seeds)" if ratios else "-"
-        lines.append(f"- {label}: {value}")
+    for point in points:
+        top, second = point["eigenvalues"]
+        for index, (key, label) in enumerate(keys):
+            lanczos_cells, power_cells, ratio = count_summary(point, key)
+            prefix = (
+                f"| {point['steps']} | {top:.5g} | {second / top:.3f} | "
+                f"{point['reference_residual']:.1e} |"
+                if index == 0
+                else "| | | | |"
+            )
+            lines.append(f"{prefix} {label} | {lanczos_cells} | {power_cells} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -292,11 +321,8 @@ def main(argv):
     del argv
     start = time.perf_counter()
     timing_rows = [time_hvp_against_gradient(name) for name in FLAGS.timing_models]
-    model, batches, train_steps = train_digits_model()
-    *reference, solver_rows = compare_solvers(model, batches)
-    section = format_section(
-        timing_rows, reference, solver_rows, train_steps, time.perf_counter() - start
-    )
+    points = [compare_solvers(*point) for point in trained_digits_models()]
+    section = format_section(timing_rows, points, time.perf_counter() - start)
     print(section)
     if FLAGS.results:
         write_section(FLAGS.results, section)
