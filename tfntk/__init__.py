@@ -32,8 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     "HessianEigenResult", "LossSpec", "NtkImplementation", "TaylorModel", "TrainingLoss", "Weights",
     "assign_weights", "centroid_alignment", "current_weights", "empirical_ntk", "error_barrier",
-    "escape_threshold", "escape_threshold_of_loss", "function_space_distance", "gd_escape_threshold", "hessian_top_eigenvalues",
-    "hessian_vector_product", "kernel_distance", "kernel_velocity", "linearize", "logit_gradient_centroids",
-    "loss_and_gradient", "ntk_gram", "plug_back", "relu_distance", "relu_patterns", "top_eigenvalues_of_loss",
-    "weight_distance",
+    "escape_threshold", "escape_threshold_of_loss", "function_space_distance",
+    "gd_escape_threshold", "hessian_top_eigenvalues", "hessian_vector_product", "kernel_distance",
+    "kernel_velocity", "linearize", "logit_gradient_centroids", "loss_and_gradient", "ntk_gram",
+    "plug_back", "relu_distance", "relu_patterns", "top_eigenvalues_of_loss", "weight_distance",
 ]
