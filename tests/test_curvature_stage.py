@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tfntk import storage
+from tfntk.autodiff import hvp
 from tfntk.experiments import curvature
 from tfntk.measures import escape, hessian
 from tfntk.reporting import curvature_figures
@@ -30,19 +31,29 @@ ESCAPE_COLUMNS = {
 TAGS = ("hessian/top_eigenvalue", "hessian/two_over_lr", "hessian/escape_threshold", "hessian/gd_escape_threshold")
 
 
+# The training losses that the `measured` fixture's stage run built.
+BUILT_LOSSES = []
+
+
 @pytest.fixture(scope="module")
 def measured(trained_job):
     """Runs the stage once, recording the warm-start vectors passed to the eigenvalue solver."""
     job, spawn_steps, num_children = trained_job
     initial_vectors = []
-    solver = hessian.top_eigenvalues_of_loss
+    solver = hessian.hessian_top_eigenvalues_of_loss
 
     def recording_solver(*args, **kwargs):
         initial_vectors.append(kwargs.get("initial_vectors"))
         return solver(*args, **kwargs)
 
+    class RecordingLoss(hvp.TrainingLoss):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            BUILT_LOSSES.append(self)
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hessian, "top_eigenvalues_of_loss", recording_solver)
+        patch.setattr(hessian, "hessian_top_eigenvalues_of_loss", recording_solver)
+        patch.setattr(hvp, "TrainingLoss", RecordingLoss)
         curvature.measure(job, spawn_steps, num_children, **SETTINGS)
     tables = {name: storage.read_csv(job.run.table(name)) for name in ("hessian", "escape_threshold")}
     return job, tables, initial_vectors
@@ -72,7 +83,7 @@ def forbid_measuring(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the stage measured a snapshot although its result was cached")
 
-    monkeypatch.setattr(hessian, "top_eigenvalues_of_loss", fail)
+    monkeypatch.setattr(hessian, "hessian_top_eigenvalues_of_loss", fail)
     monkeypatch.setattr(escape, "escape_threshold_of_loss", fail)
 
 
@@ -165,6 +176,12 @@ def test_first_snapshot_matches_measures(measured):
     np.testing.assert_allclose(row["escape_std"], threshold.std, rtol=1e-4)
 
 
+def test_one_loss_traced_once(measured):
+    assert len(BUILT_LOSSES) == 1
+    assert BUILT_LOSSES[0]._batch_hvp.experimental_get_tracing_count() == 1
+    assert BUILT_LOSSES[0]._batch_loss_and_gradient.experimental_get_tracing_count() == 1
+
+
 def test_warm_start_matches_cold_start(measured):
     job, tables, initial_vectors = measured
     model = job.new_model()
@@ -221,13 +238,14 @@ def test_tables_rebuilt_from_cache(measured, monkeypatch):
 def test_changed_settings_invalidate_cache(measured):
     job, _, _ = measured
     path = job.run.analysis("hessian/parent_0/step_00000000.npz")
-    settings = dict(k=2, method="lanczos", tol=1e-3, max_iterations=40, examples=64, bn_mode="inference",
-                    weight_decay=job.training.weight_decay, escape_minibatches=3,
+    settings = dict(k=2, method="lanczos", tol=1e-3, max_iterations=40, examples=64, batch_size=512,
+                    bn_mode="inference", weight_decay=job.training.weight_decay, escape_minibatches=3,
                     escape_batch_size=job.training.batch_size, seed=1)
-    changed = dict(settings, tol=1e-4)
 
     assert curvature._load_cache(path, curvature.CurvatureSettings(**settings).key()) is not None
-    assert curvature._load_cache(path, curvature.CurvatureSettings(**changed).key()) is None
+    for change in (dict(tol=1e-4), dict(batch_size=32)):
+        changed = dict(settings, **change)
+        assert curvature._load_cache(path, curvature.CurvatureSettings(**changed).key()) is None, change
 
 
 def test_figure_from_tables_only(measured, tmp_path):

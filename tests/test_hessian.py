@@ -303,7 +303,7 @@ def test_reused_loss_traces_once():
     moved = [w + 0.3 * d for w, d in zip(start, random_weight_vector(model, seed=7))]
 
     for weights in (start, moved):
-        reused = hessian.top_eigenvalues_of_loss(
+        reused = hessian.hessian_top_eigenvalues_of_loss(
             training_loss, k=2, tol=1e-7, max_iterations=200, weights=weights
         )
         fresh = hessian.hessian_top_eigenvalues(
@@ -311,6 +311,7 @@ def test_reused_loss_traces_once():
         )
         np.testing.assert_allclose(reused.eigenvalues, fresh.eigenvalues, rtol=1e-12)
         assert reused.num_hvps == fresh.num_hvps
+        assert reused.eigenvectors[0][0].dtype == model.trainable_variables[0].dtype
 
         reused_threshold = escape.escape_threshold_of_loss(
             training_loss, minibatches, 0.1, weights=weights
@@ -455,6 +456,34 @@ def test_eigenvalues_reject_bad_input(arguments, message):
 
     with pytest.raises(ValueError, match=message):
         hessian.hessian_top_eigenvalues(model, quadratic_loss, batches, **arguments)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(k=0), "k must be a positive integer, got 0"),
+        (dict(method="newton"), "'newton'"),
+        (dict(tol=-1.0), "tol must be > 0, got -1.0"),
+    ],
+)
+def test_reused_loss_rejects_bad_input(arguments, message):
+    model, batches, _, _ = build_quadratic_problem()
+    training_loss = hvp.TrainingLoss(model, hvp.LossSpec(quadratic_loss), batches)
+
+    with pytest.raises(ValueError, match=message):
+        hessian.hessian_top_eigenvalues_of_loss(training_loss, **arguments)
+
+
+def test_arguments_checked_before_data():
+    model, batches, _, _ = build_quadratic_problem()
+
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        hessian.hessian_top_eigenvalues(model, quadratic_loss, batches, k=0, bn_mode="eval")
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        escape.escape_threshold(model, quadratic_loss, [], batches, learning_rate=-1.0)
+    training_loss = hvp.TrainingLoss(model, hvp.LossSpec(quadratic_loss), batches)
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        escape.escape_threshold_of_loss(training_loss, batches, learning_rate=0.0)
 
 
 def test_bad_data_and_learning_rate_rejected():

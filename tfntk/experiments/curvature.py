@@ -74,6 +74,7 @@ class CurvatureSettings:
     tol: float
     max_iterations: int
     examples: int
+    batch_size: int
     bn_mode: str
     weight_decay: float
     escape_minibatches: int
@@ -176,9 +177,10 @@ def measure(
       examples: size of the fixed stratified training subset (`job.train_subset`) over which the
         loss is taken; None uses the whole training set.
       batch_size: examples per batch when summing the loss over the subset. It changes memory
-        and speed but not the result (except in bn_mode="train"). One batch of 512 digits
-        images is fastest on CPU. Lower it for large models, because a Hessian-vector product
-        keeps several times the activations of a training step in memory.
+        and speed but not the result (except in bn_mode="train"), and it is part of the cache
+        key. One batch of 512 digits images is fastest on CPU. Lower it for large models,
+        because a Hessian-vector product keeps several times the activations of a training step
+        in memory.
       bn_mode: "inference" (batch norm with moving statistics) or "train" (with the statistics of
         each batch of `batch_size`).
       weight_decay: L2 coefficient included in the loss; None uses the run's
@@ -203,7 +205,7 @@ def measure(
     x, y = job.train_subset(examples)
     settings = CurvatureSettings(
         k=int(k), method=method, tol=float(tol), max_iterations=int(max_iterations),
-        examples=len(y), bn_mode=bn_mode,
+        examples=len(y), batch_size=int(batch_size), bn_mode=bn_mode,
         weight_decay=float(job.training.weight_decay if weight_decay is None else weight_decay),
         escape_minibatches=int(escape_minibatches), escape_batch_size=int(job.training.batch_size),
         seed=int(seed),
@@ -396,7 +398,7 @@ def _measure_snapshot(
       (cache, eigenvectors): the arrays stored for the snapshot, and the unit eigenvectors as a
       (k, d) array of the model's dtype.
     """
-    result = hessian.top_eigenvalues_of_loss(
+    result = hessian.hessian_top_eigenvalues_of_loss(
         training_loss, k=settings.k, method=settings.method, tol=settings.tol,
         max_iterations=settings.max_iterations, initial_vectors=initial_vectors, weights=weights,
         seed=settings.seed,

@@ -82,6 +82,9 @@ def escape_threshold(
     minibatch and one Hessian-vector product over `data`. Passing `minibatches=data` as one
     batch gives the full-batch gradient-descent value.
 
+    Each call builds and traces a new `hvp.TrainingLoss`. To evaluate many weight vectors of one
+    model, build one and call `escape_threshold_of_loss` instead.
+
     Delta, g and L all use the same loss conventions (`bn_mode`, `weight_decay`). With
     `weight_decay > 0` the decay term `weight_decay * w` is part of Delta, as in SGD with a
     coupled L2 penalty. NOTE: a real SGD step on a batch-norm network uses batch statistics,
@@ -102,6 +105,7 @@ def escape_threshold(
       An `EscapeThresholdResult`. If the full-data gradient is zero, the threshold is
       undefined: values are NaN and a warning is logged.
     """
+    _check_learning_rate(learning_rate)
     spec = hvp_lib.LossSpec(loss_fn, bn_mode, weight_decay, decay_mask)
     return escape_threshold_of_loss(
         hvp_lib.TrainingLoss(model, spec, data), minibatches, learning_rate, weights=weights
@@ -116,12 +120,11 @@ def escape_threshold_of_loss(
 ) -> EscapeThresholdResult:
     """Estimates the escape threshold of SGD steps for a prebuilt `hvp.TrainingLoss`.
 
-    The same computation as `escape_threshold`, whose docstring defines the threshold and the
-    arguments. The minibatch gradients use `training_loss`'s loss conventions. Reusing one
-    instance across calls at different `weights` traces its `tf.function`s only once.
+    It runs the computation of `escape_threshold`, whose docstring defines the threshold and
+    the arguments, with `training_loss`'s loss conventions for the minibatch gradients too.
+    Reusing one instance across calls at different `weights` traces its `tf.function`s only once.
     """
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}.")
+    _check_learning_rate(learning_rate)
     weights = functional.resolve_weights(training_loss.model, weights)
 
     _, gradient = training_loss.value_and_gradient(weights)
@@ -150,3 +153,8 @@ def escape_threshold_of_loss(
         gradient_norm_squared=gradient_norm_squared,
         learning_rate=float(learning_rate),
     )
+
+
+def _check_learning_rate(learning_rate: float) -> None:
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}.")

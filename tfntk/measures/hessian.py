@@ -64,7 +64,7 @@ class _FlatHessian:
         self.weights = weights
         self.shapes = [tuple(t.shape) for t in weights.trainable]
         self.sizes = [int(np.prod(shape)) for shape in self.shapes]
-        self.dtype = tf.as_dtype(weights.trainable[0].dtype)
+        self.dtype = tf.as_dtype(training_loss.model.trainable_variables[0].dtype)
         self.dimension = sum(self.sizes)
         self.eps = float(np.finfo(self.dtype.as_numpy_dtype).eps)
         self.num_hvps = 0
@@ -225,6 +225,10 @@ def _power_iteration(operator, k, tol, max_iterations, initial, rng):
     return values, vectors, residuals, np.array(history), reached_top
 
 
+def _dimension(weights: functional.Weights) -> int:
+    return sum(int(np.prod(t.shape)) for t in weights.trainable)
+
+
 def _validate(k, method, tol, max_iterations, dimension):
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}. Use one of {METHODS}.")
@@ -258,6 +262,9 @@ def hessian_top_eigenvalues(
     seed: int = 0,
 ) -> HessianEigenResult:
     """Computes the k largest algebraic eigenvalues of the training-loss Hessian.
+
+    Each call builds and traces a new `hvp.TrainingLoss`. To measure many weight vectors of one
+    model, build one and call `hessian_top_eigenvalues_of_loss` instead.
 
     Methods:
       "lanczos": Lanczos with full reorthogonalisation against every earlier basis vector. The
@@ -307,8 +314,10 @@ def hessian_top_eigenvalues(
     Raises:
       ValueError: for an unknown method, k <= 0, k > d, tol <= 0 or max_iterations <= 0.
     """
+    weights = functional.resolve_weights(model, weights)
+    _validate(k, method, tol, max_iterations, _dimension(weights))
     spec = hvp_lib.LossSpec(loss_fn, bn_mode, weight_decay, decay_mask)
-    return top_eigenvalues_of_loss(
+    return hessian_top_eigenvalues_of_loss(
         hvp_lib.TrainingLoss(model, spec, data),
         k=k,
         method=method,
@@ -320,7 +329,7 @@ def hessian_top_eigenvalues(
     )
 
 
-def top_eigenvalues_of_loss(
+def hessian_top_eigenvalues_of_loss(
     training_loss: hvp_lib.TrainingLoss,
     k: int = 1,
     method: str = "lanczos",
@@ -332,13 +341,13 @@ def top_eigenvalues_of_loss(
 ) -> HessianEigenResult:
     """Computes the k largest algebraic eigenvalues of the Hessian of `training_loss`.
 
-    The same computation as `hessian_top_eigenvalues`, whose docstring describes the methods and
-    arguments, on a prebuilt `hvp.TrainingLoss`. Reusing one instance across calls at different
-    `weights` (for example at the snapshots of a run) traces its `tf.function`s only once.
+    It runs the computation of `hessian_top_eigenvalues`, whose docstring describes the methods
+    and arguments, on a prebuilt `hvp.TrainingLoss`. Reusing one instance across calls at
+    different `weights` (for example at the snapshots of a run) traces its `tf.function`s only
+    once.
     """
     weights = functional.resolve_weights(training_loss.model, weights)
-    dimension = sum(int(np.prod(t.shape)) for t in weights.trainable)
-    _validate(k, method, tol, max_iterations, dimension)
+    _validate(k, method, tol, max_iterations, _dimension(weights))
     operator = _FlatHessian(training_loss, weights)
     rng = np.random.default_rng(seed)
     initial = [operator.to_flat(v) for v in (initial_vectors or [])]
