@@ -313,9 +313,9 @@ def format_section(tf_rows, nt_rows, nt_note, versions, seconds, load_averages) 
         SECTION,
         "",
         f"Machine: {cpu_description()}, CPU only, float32. One-minute load average at the start "
-        f"and end of the run: {load_averages[0]:.1f} and {load_averages[1]:.1f}. Other processes "
-        "shared the cores, so absolute times vary between runs. Each ratio compares steps "
-        "timed in the same interleaved rounds.",
+        f"and end of the run: {load_averages[0]:.1f} and {load_averages[1]:.1f}. Load from other "
+        "processes makes absolute times vary between runs. Each ratio compares steps timed in "
+        "the same interleaved rounds.",
         "",
         f"Command: `python {' '.join(sys.argv)}` ({seconds:.0f} s in total).",
         "",

@@ -1,9 +1,10 @@
 """Splits the kernel time of an ordinary and a Taylor-expanded training step by TensorFlow op.
 
 `bench/linearized.py` times whole steps. This script shows where an order-2 step spends its
-time: it traces `--steps` calls of each step with `tf.profiler`, reads the XPlane trace and sums
-the kernel time of each op type over all executor threads (so with two threads the total can
-exceed the wall time). Each step is the same SGD step as in `bench/linearized.py`, on one batch of
+time. It first counts the convolution ops in the traced forward passes (primal, order 1, order 2)
+before graph optimisation. Then it traces `--steps` calls of each step with `tf.profiler`, reads
+the XPlane trace and sums the kernel time of each op type over all executor threads (so with two
+threads the total can exceed the wall time). Each step is the same SGD step as in `bench/linearized.py`, on one batch of
 random 32x32x3 inputs (`--batch_size` and `--learning_rate` are that script's flags).
 
 Usage, from the repository root:
@@ -77,9 +78,50 @@ def kernel_milliseconds(trace_directory: str) -> collections.Counter:
     return totals
 
 
+def convolution_counts() -> dict:
+    """Counts convolution ops in the traced forward passes, before graph optimisation.
+
+    Returns {pass: Counter of op type}, for the primal pass, the order-1 pass (`taylor.jvp`) and
+    the nested order-2 pass, with the ops of every function the graph calls.
+    """
+    import tensorflow as tf
+
+    from tfntk import models
+    from tfntk.autodiff import functional
+    from tfntk.autodiff import taylor
+
+    name, kwargs, _ = linearized.ARCHITECTURES[FLAGS.architecture]
+    x, _ = linearized.random_batch(FLAGS.batch_size)
+    x = tf.constant(x)
+    base = models.build_model(name, linearized.INPUT_SHAPE, linearized.NUM_CLASSES, seed=0, **kwargs)
+    weights = functional.Weights(
+        [tf.constant(v.numpy()) for v in base.trainable_variables],
+        [tf.constant(v.numpy()) for v in base.non_trainable_variables],
+    )
+    tangents = [tf.ones_like(w) for w in weights.trainable]
+    passes = {
+        "primal": lambda: functional.logits_at(base, weights, x),
+        "order 1": lambda: taylor.jvp(base, weights, tangents, x),
+        "order 2": lambda: taylor.second_order_jvp(base, weights, tangents, x),
+    }
+
+    counts = {}
+    for key, function in passes.items():
+        graph_def = tf.function(function).get_concrete_function().graph.as_graph_def()
+        nodes = list(graph_def.node)
+        for library_function in graph_def.library.function:
+            nodes.extend(library_function.node_def)
+        counts[key] = collections.Counter(node.op for node in nodes if "Conv" in node.op)
+    return counts
+
+
 def main(argv):
     del argv
     import tensorflow as tf
+
+    for key, counts in convolution_counts().items():
+        listed = ", ".join(f"{op_type} {count}" for op_type, count in sorted(counts.items()))
+        print(f"{FLAGS.architecture} {key} pass, convolution ops before graph optimisation: {listed}")
 
     steps = build_steps()
     for step in steps.values():
