@@ -1,11 +1,12 @@
 """Splits the kernel time of an ordinary and a Taylor-expanded training step by TensorFlow op.
 
-`bench/linearized.py` times whole steps. This script shows where an order-2 step spends its
-time. It first counts the convolution ops in the traced forward passes (primal, order 1, order 2)
-before graph optimisation. Then it traces `--steps` calls of each step with `tf.profiler`, reads
-the XPlane trace and sums the kernel time of each op type over all executor threads (so with two
-threads the total can exceed the wall time). Each step is the same SGD step as in `bench/linearized.py`, on one batch of
-random 32x32x3 inputs (`--batch_size` and `--learning_rate` are that script's flags).
+`bench/linearized.py` times whole steps. This script shows where an order-2 step spends its time.
+It first counts the convolution ops in the traced forward passes (primal, order 1, order 2) before
+graph optimisation. Then it traces `--steps` calls of each step with `tf.profiler`, reads the
+XPlane trace and sums the kernel time of each op type over all executor threads (so with two
+threads the total can exceed the wall time). Each step is the same SGD step as in
+`bench/linearized.py`, on one batch of random 32x32x3 inputs (`--batch_size` and `--learning_rate`
+are that script's flags).
 
 Usage, from the repository root:
   PYTHONPATH=. python bench/profile_taylor_step.py --architecture=simple_cnn
@@ -47,7 +48,9 @@ def build_steps() -> dict:
         name, linearized.INPUT_SHAPE, linearized.NUM_CLASSES, seed=0, **kwargs
     )
     expansions = {
-        kind: linearize.linearize(base, order=int(kind[-1])) for kind in FLAGS.kinds if kind != "ordinary"
+        kind: linearize.linearize(base, order=int(kind[-1]))
+        for kind in FLAGS.kinds
+        if kind != "ordinary"
     }
     steps = {}
     for kind in FLAGS.kinds:
@@ -93,7 +96,9 @@ def convolution_counts() -> dict:
     name, kwargs, _ = linearized.ARCHITECTURES[FLAGS.architecture]
     x, _ = linearized.random_batch(FLAGS.batch_size)
     x = tf.constant(x)
-    base = models.build_model(name, linearized.INPUT_SHAPE, linearized.NUM_CLASSES, seed=0, **kwargs)
+    base = models.build_model(
+        name, linearized.INPUT_SHAPE, linearized.NUM_CLASSES, seed=0, **kwargs
+    )
     weights = functional.Weights(
         [tf.constant(v.numpy()) for v in base.trainable_variables],
         [tf.constant(v.numpy()) for v in base.non_trainable_variables],
@@ -121,7 +126,8 @@ def main(argv):
 
     for key, counts in convolution_counts().items():
         listed = ", ".join(f"{op_type} {count}" for op_type, count in sorted(counts.items()))
-        print(f"{FLAGS.architecture} {key} pass, convolution ops before graph optimisation: {listed}")
+        print(f"{FLAGS.architecture} {key} pass, convolution ops before graph optimisation: "
+              f"{listed}")
 
     steps = build_steps()
     for step in steps.values():

@@ -74,8 +74,12 @@ def simple_cnn_jet(x, weights, displacement):
             a0, a1, a2 = max_pool_jet(a0, a1, a2)
 
     g0, g1, g2 = (tf.reduce_mean(a, axis=[1, 2]) for a in (a0, a1, a2))
-    kernel, bias, kernel_step, bias_step = weights[-2], weights[-1], displacement[-2], displacement[-1]
-    return g0 @ kernel + bias, g1 @ kernel + g0 @ kernel_step + bias_step, g2 @ kernel + 2.0 * (g1 @ kernel_step)
+    kernel, bias = weights[-2], weights[-1]
+    kernel_step, bias_step = displacement[-2], displacement[-1]
+    logits = g0 @ kernel + bias
+    first = g1 @ kernel + g0 @ kernel_step + bias_step
+    second = g2 @ kernel + 2.0 * (g1 @ kernel_step)
+    return logits, first, second
 
 
 def displaced_step(second_order_terms, expansion_point, start, x, y):

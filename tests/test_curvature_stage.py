@@ -245,7 +245,8 @@ def test_changed_settings_invalidate_cache(measured):
     assert curvature._load_cache(path, curvature.CurvatureSettings(**settings).key()) is not None
     for change in (dict(tol=1e-4), dict(batch_size=32)):
         changed = dict(settings, **change)
-        assert curvature._load_cache(path, curvature.CurvatureSettings(**changed).key()) is None, change
+        changed_key = curvature.CurvatureSettings(**changed).key()
+        assert curvature._load_cache(path, changed_key) is None, change
 
 
 def test_figure_from_tables_only(measured, tmp_path):

@@ -23,7 +23,11 @@ from tfntk.linearize.taylor_model import TaylorModel, assign_weights, plug_back
 from tfntk.measures.basins import error_barrier, function_space_distance, weight_distance
 from tfntk.measures.centroids import centroid_alignment, logit_gradient_centroids
 from tfntk.measures.escape import escape_threshold, escape_threshold_of_loss, gd_escape_threshold
-from tfntk.measures.hessian import HessianEigenResult, hessian_top_eigenvalues, hessian_top_eigenvalues_of_loss
+from tfntk.measures.hessian import (
+    HessianEigenResult,
+    hessian_top_eigenvalues,
+    hessian_top_eigenvalues_of_loss,
+)
 from tfntk.measures.kernel import kernel_distance, kernel_velocity, ntk_gram
 from tfntk.measures.relu import relu_distance, relu_patterns
 
@@ -33,7 +37,8 @@ __all__ = [
     "HessianEigenResult", "LossSpec", "NtkImplementation", "TaylorModel", "TrainingLoss", "Weights",
     "assign_weights", "centroid_alignment", "current_weights", "empirical_ntk", "error_barrier",
     "escape_threshold", "escape_threshold_of_loss", "function_space_distance",
-    "gd_escape_threshold", "hessian_top_eigenvalues", "hessian_vector_product", "kernel_distance",
-    "kernel_velocity", "linearize", "logit_gradient_centroids", "loss_and_gradient", "ntk_gram",
-    "plug_back", "relu_distance", "relu_patterns", "hessian_top_eigenvalues_of_loss", "weight_distance",
+    "gd_escape_threshold", "hessian_top_eigenvalues", "hessian_top_eigenvalues_of_loss",
+    "hessian_vector_product", "kernel_distance", "kernel_velocity", "linearize",
+    "logit_gradient_centroids", "loss_and_gradient", "ntk_gram", "plug_back", "relu_distance",
+    "relu_patterns", "weight_distance",
 ]
