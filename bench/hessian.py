@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import sys
 import time
 
@@ -36,7 +35,8 @@ from tfntk.autodiff import hvp
 from tfntk.data import datasets
 from tfntk.measures import hessian
 
-from results_file import write_section  # noqa: E402  (a sibling module of this script)
+# A sibling module of this script.
+from results_file import cpu_description, load_average, write_section  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("timing_models", ["simple_cnn", "resnet20"], "Models to time.")
@@ -238,26 +238,6 @@ def count_summary(point: dict, key: str) -> tuple[str, str, str]:
         return cells[0], cells[1], "-"
     ratio = np.mean(counts["lanczos"]) / np.mean(counts["power"])
     return cells[0], cells[1], f"{ratio:.2f}"
-
-
-def cpu_description() -> str:
-    model_name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model_name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model_name}, {os.cpu_count()} cores"
-
-
-def load_average() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except OSError:
-        return "unknown"
 
 
 def format_section(timing_rows, points, seconds):

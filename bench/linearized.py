@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,7 +30,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from results_file import write_section  # noqa: E402  (a sibling module of this script)
+# A sibling module of this script.
+from results_file import cpu_description, write_section  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
@@ -268,19 +268,6 @@ def run_neural_tangents_part(architectures: list) -> tuple[list, str]:
 
 
 # Report.
-
-
-def cpu_description() -> str:
-    model_name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model_name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model_name}, {os.cpu_count()} cores"
 
 
 def format_table(rows: list, orders: list) -> list:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -41,7 +40,8 @@ from absl import flags
 # Lets `python bench/ntk.py` import tfntk from this checkout without installing it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from results_file import write_section  # noqa: E402  (a sibling module of this script)
+# A sibling module of this script.
+from results_file import cpu_description, write_section  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
@@ -375,17 +375,6 @@ def memory_sweep() -> list[dict]:
         rows.append({"n": n, **result})
         print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def cpu_description() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def format_section(rows: list[dict], sweep: list[dict], seconds: float) -> str:

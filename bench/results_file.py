@@ -1,8 +1,9 @@
-"""Writes one benchmark's section of bench/RESULTS.md, keeping every other section."""
+"""Writes one benchmark's section of bench/RESULTS.md and describes the machine it ran on."""
 
 from __future__ import annotations
 
 import os
+import platform
 
 
 def write_section(path: str, section: str) -> None:
@@ -29,3 +30,25 @@ def write_section(path: str, section: str) -> None:
     with open(temporary, "w") as handle:
         handle.write(text)
     os.replace(temporary, path)
+
+
+def cpu_description() -> str:
+    """Returns the CPU model name (from /proc/cpuinfo where it exists) and the core count."""
+    model_name = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model_name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model_name}, {os.cpu_count()} cores"
+
+
+def load_average() -> str:
+    """Returns the one-minute load average with one decimal, or "unknown" where it is missing."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "unknown"

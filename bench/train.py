@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import datetime
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -54,7 +53,8 @@ from tfntk.training import loop
 from tfntk.training import schedules
 from tfntk.training.snapshots import SnapshotStore
 
-from results_file import write_section  # noqa: E402  (a sibling module of this script)
+# A sibling module of this script.
+from results_file import cpu_description, write_section  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("what", ["preset", "resnet_epoch", "throughput", "pipeline"], "Measurements to run.")
@@ -504,19 +504,6 @@ def measure_pipeline() -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Report
-
-
-def cpu_description() -> str:
-    model_name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model_name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model_name}, {os.cpu_count()} cores"
 
 
 PART_NAMES = {
