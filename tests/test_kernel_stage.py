@@ -20,6 +20,8 @@ from tfntk.measures import kernel as kernel_measures
 from tfntk.measures import relu as relu_measures
 from tfntk.reporting import kernel_figures
 
+from stage_helpers import read_table
+
 EXAMPLES = 12
 TABLES = ("snapshot_pairs", "kernel_velocity", "pair_kernel")
 
@@ -47,10 +49,6 @@ def measured(trained_job, tmp_path_factory):
     job = _isolated_job(job, tmp_path_factory.mktemp("kernel_stage") / "run")
     kernel_dynamics.measure(job, spawn_steps, num_children, analysis_examples=EXAMPLES, max_snapshots=None)
     return job, spawn_steps, num_children
-
-
-def _table(job, name):
-    return storage.read_csv(job.run.table(name))
 
 
 def _subset_inputs(job):
@@ -127,18 +125,18 @@ def test_centroid_alignment_matrix_zero_centroid_raises():
 
 def test_tables_columns_and_row_counts(measured):
     job, _, _ = measured
-    pairs = _table(job, "snapshot_pairs")
+    pairs = read_table(job, "snapshot_pairs")
     assert list(pairs.columns) == ["run", "step_a", "epoch_a", "step_b", "epoch_b", "measure", "value", "kernel"]
     assert len(pairs) == 10 * 3  # every pair of the 5 snapshots, three measures
     assert set(pairs["kernel"]) == {"traced (m, m)"}
     assert set(pairs["run"]) == {"parent_0"}
     assert (pairs["step_a"] < pairs["step_b"]).all()
 
-    velocity = _table(job, "kernel_velocity")
+    velocity = read_table(job, "kernel_velocity")
     assert list(velocity.columns) == [
         "run", "step", "epoch", "partner_step", "partner_epoch", "dt_epochs", "velocity", "kernel"
     ]
-    pair_kernel = _table(job, "pair_kernel")
+    pair_kernel = read_table(job, "pair_kernel")
     assert list(pair_kernel.columns) == ["spawn_epoch", "pair", "run_a", "run_b", "measure", "value", "kernel"]
     assert len(pair_kernel) == 3 * 3  # two spawn epochs with one pair each, and the parents
     parents = pair_kernel[pair_kernel["pair"] == "parents"]
@@ -158,7 +156,7 @@ def test_analysis_subset_saved(measured):
 
 def test_snapshot_pairs_match_direct_measures(measured):
     job, _, _ = measured
-    pairs = _table(job, "snapshot_pairs")
+    pairs = read_table(job, "snapshot_pairs")
     gram_a, patterns_a, centroids_a = _measures_at(job, job.parent_paths(0), 0)
     gram_b, patterns_b, centroids_b = _measures_at(job, job.parent_paths(0), 12)
     keys = dict(run="parent_0", step_a=0, step_b=12)
@@ -196,7 +194,7 @@ def test_velocity_matches_kernel_velocity(measured):
     grams = [storage.load_npz(job.run.ntk_snapshot("parent_0", step))["gram"] for step in steps]
     expected_epochs, expected = kernel_measures.kernel_velocity(epochs, grams, dt=0.4)
 
-    velocity = _table(job, "kernel_velocity").sort_values("epoch")
+    velocity = read_table(job, "kernel_velocity").sort_values("epoch")
     assert len(expected) > 0
     np.testing.assert_allclose(velocity["epoch"], expected_epochs)
     np.testing.assert_allclose(velocity["velocity"], expected, rtol=1e-8)
@@ -205,7 +203,7 @@ def test_velocity_matches_kernel_velocity(measured):
 
 def test_pair_kernel_matches_direct_measures(measured):
     job, spawn_steps, _ = measured
-    table = _table(job, "pair_kernel")
+    table = read_table(job, "pair_kernel")
     paths_a, paths_b = job.child_paths(spawn_steps[1], 0), job.child_paths(spawn_steps[1], 1)
     gram_a, patterns_a, centroids_a = _measures_at(job, paths_a, job.total_steps)
     gram_b, patterns_b, centroids_b = _measures_at(job, paths_b, job.total_steps)
@@ -245,24 +243,24 @@ def test_second_call_skips(measured, monkeypatch):
 
 def test_tables_rebuilt_from_cache(measured, monkeypatch):
     job, spawn_steps, num_children = measured
-    before = {name: _table(job, name) for name in TABLES}
+    before = {name: read_table(job, name) for name in TABLES}
     os.remove(job.run.table("snapshot_pairs"))
     monkeypatch.setattr(kernel_measures, "ntk_gram", _fail)
     monkeypatch.setattr(relu_measures, "relu_patterns", _fail)
     monkeypatch.setattr(centroid_measures, "logit_gradient_centroids", _fail)
     kernel_dynamics.measure(job, spawn_steps, num_children, analysis_examples=EXAMPLES, max_snapshots=None)
     for name in TABLES:
-        pd.testing.assert_frame_equal(_table(job, name), before[name])
+        pd.testing.assert_frame_equal(read_table(job, name), before[name])
 
 
 def test_fewer_snapshots_reuse_cache(measured, monkeypatch):
     job, spawn_steps, num_children = measured
-    full = _table(job, "snapshot_pairs")
+    full = read_table(job, "snapshot_pairs")
     monkeypatch.setattr(kernel_measures, "ntk_gram", _fail)
     try:
         kernel_dynamics.measure(job, spawn_steps, num_children, analysis_examples=EXAMPLES, max_snapshots=2,
                                 velocity_dt=1.0)
-        pairs = _table(job, "snapshot_pairs")
+        pairs = read_table(job, "snapshot_pairs")
     finally:
         monkeypatch.undo()
         kernel_dynamics.measure(job, spawn_steps, num_children, analysis_examples=EXAMPLES, max_snapshots=None)
@@ -281,8 +279,8 @@ def test_uncached_centroids_and_small_panels(measured, tmp_path):
                             centroid_cache_max_floats=0, centroid_memory_gib=1e-9)
     assert "centroids" not in storage.load_npz(other.run.ntk_snapshot("parent_0", 0))
     for name in ("snapshot_pairs", "pair_kernel"):
-        expected = _table(job, name)
-        got = _table(other, name)
+        expected = read_table(job, name)
+        got = read_table(other, name)
         np.testing.assert_allclose(got["value"], expected["value"], rtol=1e-6, atol=1e-7)
 
     with pytest.raises(ValueError, match="analysis_examples is 8"):
@@ -296,9 +294,9 @@ def test_full_kernel_replaces_traced_cache(measured, tmp_path):
     kernel_dynamics.measure(other, spawn_steps, num_children, analysis_examples=EXAMPLES, max_snapshots=2,
                             trace_logits=False)
 
-    pairs = _table(other, "snapshot_pairs")
+    pairs = read_table(other, "snapshot_pairs")
     assert set(pairs["kernel"]) == {"full (m, m, K, K)"}
-    assert set(_table(other, "pair_kernel")["kernel"]) == {"full (m, m, K, K)"}
+    assert set(read_table(other, "pair_kernel")["kernel"]) == {"full (m, m, K, K)"}
     num_classes = job.data.num_classes
     cached = storage.load_npz(other.run.ntk_snapshot("parent_0", 0))["gram"]
     assert cached.shape == (EXAMPLES, EXAMPLES, num_classes, num_classes)

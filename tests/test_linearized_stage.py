@@ -16,6 +16,8 @@ from tfntk.experiments import linearized
 from tfntk.reporting import linearized_figures
 from tfntk.training.snapshots import SnapshotStore
 
+from stage_helpers import copy_run, read_table
+
 # Onset 0.4 falls between the fixture's parent snapshots at steps 0, 3 and 6 (6 steps per
 # epoch), so it is rounded to step 3, epoch 0.5. Step 6 is a spawn step, step 3 is not.
 SETTINGS = dict(
@@ -36,24 +38,14 @@ def stage(trained_job):
     return job, spawn_steps
 
 
-def _table(job, name):
-    return storage.read_csv(job.run.table(name))
-
-
 def _parent_row(job, step):
     parent = SnapshotStore(job.parent_paths(0)).read()
     return parent[parent["step"] == step].iloc[0]
 
 
-def _copy_job(job, root):
-    """Returns the job in a new run directory that contains a copy of its parents only."""
-    shutil.copytree(os.path.join(job.run.root, "parents"), os.path.join(root, "parents"))
-    return dataclasses.replace(job, run=storage.RunDir(str(root)))
-
-
 def test_curves_table_rows(stage):
     job, _ = stage
-    curves = _table(job, "linearized_curves")
+    curves = read_table(job, "linearized_curves")
 
     assert sorted(curves["onset_step"].unique()) == ONSET_STEPS
     np.testing.assert_allclose(sorted(curves["onset_epoch"].unique()), [0.5, 1.0])
@@ -71,7 +63,7 @@ def test_curves_table_rows(stage):
 
 def test_epoch_zero_is_parent_at_onset(stage):
     job, _ = stage
-    curves = _table(job, "linearized_curves")
+    curves = read_table(job, "linearized_curves")
 
     for onset_step in ONSET_STEPS:
         parent = _parent_row(job, onset_step)
@@ -139,8 +131,8 @@ def test_low_lr_runs_start_at_parent(stage):
 
 def test_summary_reads_best_and_final(stage):
     job, _ = stage
-    curves = _table(job, "linearized_curves")
-    summary = _table(job, "linearized")
+    curves = read_table(job, "linearized_curves")
+    summary = read_table(job, "linearized")
 
     assert len(summary) == 2 * (4 + 4 * 2 + 2)
     for onset_step in ONSET_STEPS:
@@ -171,8 +163,8 @@ def test_summary_reads_best_and_final(stage):
 
 def test_advantage_is_difference(stage):
     job, spawn_steps = stage
-    summary = _table(job, "linearized")
-    advantage = _table(job, "nonlinear_advantage")
+    summary = read_table(job, "linearized")
+    advantage = read_table(job, "nonlinear_advantage")
 
     assert len(advantage) == 2 * 2 * 2
     np.testing.assert_allclose(advantage["advantage"], advantage["linearized_error"] - advantage["low_lr_error"], atol=1e-8)
@@ -247,7 +239,7 @@ def test_second_call_changes_nothing(stage):
 
 def test_extends_finished_runs(stage, tmp_path):
     job, spawn_steps = stage
-    copy = _copy_job(job, tmp_path)
+    copy = copy_run(job, tmp_path, parents_only=True)
     settings = dict(SETTINGS, onset_epochs=(1.0,), orders=(1,), low_lr_seeds=1)
 
     linearized.measure(copy, spawn_steps, 2, **dict(settings, epochs=1))
@@ -273,7 +265,7 @@ def test_extends_finished_runs(stage, tmp_path):
 
 def test_disabled_writes_nothing(stage, tmp_path):
     job, spawn_steps = stage
-    copy = _copy_job(job, tmp_path)
+    copy = copy_run(job, tmp_path, parents_only=True)
     linearized.measure(copy, spawn_steps, 2, enabled=False)
     assert sorted(os.listdir(tmp_path)) == ["parents"]
 
@@ -297,7 +289,7 @@ def test_disabled_writes_nothing(stage, tmp_path):
 )
 def test_invalid_settings_raise(stage, tmp_path, override, message):
     job, spawn_steps = stage
-    copy = _copy_job(job, tmp_path)
+    copy = copy_run(job, tmp_path, parents_only=True)
     with pytest.raises(ValueError, match=message):
         linearized.measure(copy, spawn_steps, 2, **dict(SETTINGS, **override))
     assert sorted(os.listdir(tmp_path)) == ["parents"]

@@ -15,6 +15,8 @@ from tfntk.measures import basins, evaluation
 from tfntk.reporting import motion_figures
 from tfntk.training.snapshots import SnapshotStore
 
+from stage_helpers import copy_run, read_table
+
 SETTINGS = dict(barrier_alphas=3, last_snapshots=3, tsne_test_examples=24, tsne_snapshots_per_run=4)
 TABLES = ("children_over_time", "final_child_distance", "tsne")
 
@@ -24,16 +26,6 @@ def measured(trained_job):
     job, spawn_steps, num_children = trained_job
     motion.measure(job, spawn_steps, num_children, **SETTINGS)
     return job, spawn_steps, num_children
-
-
-def _table(job, name):
-    return storage.read_csv(job.run.table(name))
-
-
-def _copy_job(job, root):
-    """The same job in a copy of its run directory (checkpoint paths still point at the original)."""
-    shutil.copytree(job.run.root, root)
-    return dataclasses.replace(job, run=storage.RunDir(str(root)))
 
 
 def _forbid_weights(monkeypatch, job):
@@ -54,7 +46,7 @@ def _files_with_times(root):
 
 def test_over_time_rows_cover_common_steps(measured):
     job, spawn_steps, num_children = measured
-    table = _table(job, "children_over_time")
+    table = read_table(job, "children_over_time")
     assert set(table["measure"]) == set(motion.OVER_TIME_MEASURES)
     assert (table["split"] == "test").all()
     assert (table["barrier_alphas"] == 3).all()
@@ -73,7 +65,7 @@ def test_over_time_rows_cover_common_steps(measured):
 
 def test_children_measured_on_their_grid(measured):
     job, _, _ = measured
-    table = _table(job, "children_over_time")
+    table = read_table(job, "children_over_time")
     children = table[(table["pair"] == "children") & (table["spawn_epoch"] == 0.0)]
     parents = table[table["pair"] == "parents"]
     # Six steps per epoch: the children's snapshot grid is every second step, and the parents'
@@ -97,7 +89,7 @@ def test_grid_steps_closed_form():
 
 def test_children_start_identical(measured):
     job, spawn_steps, _ = measured
-    table = _table(job, "children_over_time")
+    table = read_table(job, "children_over_time")
     for spawn_step in spawn_steps:
         rows = table[(table["pair"] == "children") & (table["step"] == spawn_step)
                      & np.isclose(table["spawn_epoch"], spawn_step / job.steps_per_epoch)]
@@ -108,7 +100,7 @@ def test_children_start_identical(measured):
 
 def test_over_time_values_match_measures(measured):
     job, _, _ = measured
-    table = _table(job, "children_over_time")
+    table = read_table(job, "children_over_time")
     row = table[(table["pair"] == "children") & (table["spawn_epoch"] == 0.0) & (table["step"] == 12)]
     run_a, run_b = job.child_paths(0, 0), job.child_paths(0, 1)
     model = job.new_model()
@@ -128,8 +120,8 @@ def test_over_time_values_match_measures(measured):
 
 def test_final_distance_summarises_last_steps(measured):
     job, spawn_steps, num_children = measured
-    over_time = _table(job, "children_over_time")
-    final = _table(job, "final_child_distance")
+    over_time = read_table(job, "children_over_time")
+    final = read_table(job, "final_child_distance")
     assert len(final) == (len(spawn_steps) + 1) * len(motion.OVER_TIME_MEASURES)
     assert final["final_test_error_barrier"].isna().all()
 
@@ -159,7 +151,7 @@ def test_final_distances_closed_form():
 
 def test_tsne_table_and_probability_cache(measured):
     job, spawn_steps, num_children = measured
-    tsne = _table(job, "tsne")
+    tsne = read_table(job, "tsne")
     assert set(tsne.columns) >= {"run", "role", "index", "spawn_epoch", "step", "epoch", "x", "y"}
     assert tsne["run"].nunique() == 2 + len(spawn_steps) * num_children
     assert np.isfinite(tsne[["x", "y"]].to_numpy()).all()
@@ -202,20 +194,20 @@ def test_second_call_skips_work(measured, monkeypatch):
 
 def test_caches_rebuild_tables_without_weights(measured, tmp_path, monkeypatch):
     job, spawn_steps, num_children = measured
-    copy = _copy_job(job, tmp_path / "run")
-    originals = {name: _table(copy, name) for name in TABLES}
+    copy = copy_run(job, tmp_path / "run")
+    originals = {name: read_table(copy, name) for name in TABLES}
     for name in TABLES:
         os.remove(copy.run.table(name))
 
     _forbid_weights(monkeypatch, copy)
     motion.measure(copy, spawn_steps, num_children, **SETTINGS)
     for name in TABLES:
-        pd.testing.assert_frame_equal(_table(copy, name), originals[name], check_exact=False, atol=1e-4)
+        pd.testing.assert_frame_equal(read_table(copy, name), originals[name], check_exact=False, atol=1e-4)
 
 
 def test_final_table_joins_error_barrier(measured, tmp_path):
     job, spawn_steps, num_children = measured
-    copy = _copy_job(job, tmp_path / "run")
+    copy = copy_run(job, tmp_path / "run")
     barrier_rows = []
     for number, (spawn_epoch, pair, run_a, run_b) in enumerate(copy.pairs(spawn_steps, num_children)):
         for split in ("test", "train"):
@@ -224,7 +216,7 @@ def test_final_table_joins_error_barrier(measured, tmp_path):
     storage.write_csv_atomic(copy.run.table("error_barrier"), pd.DataFrame(barrier_rows))
 
     motion.measure(copy, spawn_steps, num_children, **SETTINGS)
-    final = _table(copy, "final_child_distance")
+    final = read_table(copy, "final_child_distance")
     for number, (_, _, run_a, run_b) in enumerate(copy.pairs(spawn_steps, num_children)):
         rows = final[(final["run_a"] == run_a.name) & (final["run_b"] == run_b.name)]
         np.testing.assert_allclose(rows["final_test_error_barrier"], number / 10)
@@ -232,9 +224,9 @@ def test_final_table_joins_error_barrier(measured, tmp_path):
 
 def test_changed_alphas_remeasure(measured, tmp_path):
     job, spawn_steps, num_children = measured
-    copy = _copy_job(job, tmp_path / "run")
+    copy = copy_run(job, tmp_path / "run")
     motion.measure(copy, spawn_steps[1:], num_children, **dict(SETTINGS, barrier_alphas=2, every_epochs=None))
-    table = _table(copy, "children_over_time")
+    table = read_table(copy, "children_over_time")
     assert (table["barrier_alphas"] == 2).all()
     assert (table["every_epochs"] == 0.0).all()
     children = table[table["pair"] == "children"]
@@ -245,21 +237,21 @@ def test_changed_alphas_remeasure(measured, tmp_path):
 
 def test_fewer_spawn_epochs_reuse_caches(measured, tmp_path, monkeypatch):
     job, spawn_steps, num_children = measured
-    copy = _copy_job(job, tmp_path / "run")
+    copy = copy_run(job, tmp_path / "run")
     _forbid_weights(monkeypatch, copy)
     motion.measure(copy, spawn_steps[1:], num_children, **SETTINGS)
 
     later_epoch = spawn_steps[1] / copy.steps_per_epoch
     for name in TABLES:
-        table = _table(copy, name)
+        table = read_table(copy, name)
         assert set(table["spawn_epoch"].dropna()) == {later_epoch}
-    tsne = _table(copy, "tsne")
+    tsne = read_table(copy, "tsne")
     assert tsne["run"].nunique() == 2 + num_children
 
 
 def test_tensorboard_scalars_at_steps(measured):
     job, _, _ = measured
-    table = _table(job, "children_over_time")
+    table = read_table(job, "children_over_time")
     run_a = job.child_paths(0, 0)
     expected = table[(table["run_a"] == run_a.name) & (table["measure"] == "function_space_distance")]
     expected = expected[np.isfinite(expected["value"])]
@@ -323,14 +315,14 @@ def test_bad_pairs_and_perplexity_raise(measured, tmp_path):
     job, spawn_steps, _ = measured
     with pytest.raises(ValueError, match="num_children 1"):
         motion.measure(job, spawn_steps, 1)
-    copy = _copy_job(job, tmp_path / "run")
+    copy = copy_run(job, tmp_path / "run")
     with pytest.raises(ValueError, match="tsne_perplexity 500"):
         motion.measure(copy, spawn_steps, 2, **dict(SETTINGS, tsne_perplexity=500.0))
 
 
 def test_unfinished_run_raises(measured, tmp_path):
     job, spawn_steps, num_children = measured
-    copy = _copy_job(job, tmp_path / "run")
+    copy = copy_run(job, tmp_path / "run")
     os.remove(copy.child_paths(spawn_steps[0], 1).done_marker)
     shutil.rmtree(os.path.join(copy.run.root, "analysis"))
     with pytest.raises(ValueError, match="not finished"):

@@ -18,6 +18,8 @@ from tfntk.measures import basins, evaluation
 from tfntk.reporting import sections_figures
 from tfntk.training.snapshots import SnapshotStore
 
+from stage_helpers import copy_run, read_table
+
 RESOLUTION = 5
 BATCH_NORM_EXAMPLES = 64
 SETTINGS = dict(resolution=RESOLUTION, margin=0.3, batch_norm_examples=BATCH_NORM_EXAMPLES)
@@ -28,16 +30,6 @@ def measured(trained_job):
     job, spawn_steps, num_children = trained_job
     sections.measure(job, spawn_steps, num_children, **SETTINGS)
     return job, spawn_steps, num_children
-
-
-def _table(job, name):
-    return storage.read_csv(job.run.table(name))
-
-
-def _copy_job(job, root):
-    """The same job in a copy of its run directory (checkpoint paths still point at the original)."""
-    shutil.copytree(job.run.root, root)
-    return dataclasses.replace(job, run=storage.RunDir(str(root)))
 
 
 def _flat(weights):
@@ -115,7 +107,7 @@ def test_tangent_errors_match_loop():
 
 def test_tables_shapes_and_columns(measured):
     job, spawn_steps, _ = measured
-    table = _table(job, "sections")
+    table = read_table(job, "sections")
     assert list(table.columns) == ["spawn_epoch", "a_index", "b_index", "a", "b", "measure", "value",
                                    "test_examples", "non_trainable_state"]
     assert len(table) == len(spawn_steps) * RESOLUTION**2 * len(sections.MEASURES)
@@ -125,16 +117,16 @@ def test_tables_shapes_and_columns(measured):
     assert (table["non_trainable_state"] == f"batch-norm statistics recomputed on {BATCH_NORM_EXAMPLES} training examples").all()
     assert table["value"].notna().all()
 
-    points = _table(job, "section_points")
+    points = read_table(job, "section_points")
     assert list(points.columns) == ["spawn_epoch", "point", "run", "step", "a", "b"]
     assert len(points) == 3 * len(spawn_steps)
-    paths = _table(job, "section_paths")
+    paths = read_table(job, "section_paths")
     assert list(paths.columns) == ["spawn_epoch", "role", "run", "step", "epoch", "a", "b", "off_plane_distance"]
 
 
 def test_points_match_weight_distances(measured):
     job, spawn_steps, _ = measured
-    points = _table(job, "section_points")
+    points = read_table(job, "section_points")
     for spawn_step in spawn_steps:
         _, _, (parent, child_0, child_1) = _networks(job, spawn_step)
         rows = points[np.isclose(points["spawn_epoch"], spawn_step / job.steps_per_epoch)].set_index("point")
@@ -151,7 +143,7 @@ def test_points_match_weight_distances(measured):
 
 def test_grid_values_match_direct_evaluation(measured):
     job, spawn_steps, _ = measured
-    table = _table(job, "sections")
+    table = read_table(job, "sections")
     spawn_step = spawn_steps[-1]
     model, template, (parent, child_0, child_1) = _networks(job, spawn_step)
     u1, u2 = _basis(parent, child_0, child_1)
@@ -174,7 +166,7 @@ def test_grid_values_match_direct_evaluation(measured):
 @pytest.mark.parametrize("measure, expansion", [("tangent_error_at_parent", 0), ("tangent_error_at_child_0", 1)])
 def test_tangent_matches_taylor_logits(measured, measure, expansion):
     job, spawn_steps, _ = measured
-    table = _table(job, "sections")
+    table = read_table(job, "sections")
     spawn_step = spawn_steps[-1]
     model, template, networks = _networks(job, spawn_step)
     u1, u2 = _basis(*networks)
@@ -193,8 +185,8 @@ def test_tangent_matches_taylor_logits(measured, measure, expansion):
 
 def test_paths_start_at_parent_and_end_at_children(measured):
     job, spawn_steps, _ = measured
-    paths = _table(job, "section_paths")
-    points = _table(job, "section_points")
+    paths = read_table(job, "section_paths")
+    points = read_table(job, "section_points")
     for spawn_step in spawn_steps:
         spawn_epoch = spawn_step / job.steps_per_epoch
         rows = paths[np.isclose(paths["spawn_epoch"], spawn_epoch)]
@@ -226,7 +218,7 @@ def test_second_call_skips(measured, monkeypatch):
 
 def test_resume_recomputes_only_missing_row(measured, tmp_path, monkeypatch):
     job, spawn_steps, num_children = measured
-    copy = _copy_job(job, tmp_path / "run")
+    copy = copy_run(job, tmp_path / "run")
     os.remove(copy.run.table("sections"))
     spawn_dir = copy.run.analysis(f"sections/spawn_{storage.format_epoch(0.0)}")
     os.remove(os.path.join(spawn_dir, "row_002.npz"))
@@ -238,19 +230,19 @@ def test_resume_recomputes_only_missing_row(measured, tmp_path, monkeypatch):
 
     # One missing row of RESOLUTION points plus child 0 as the reference, for each spawn epoch.
     assert len(evaluated) == RESOLUTION + len(spawn_steps)
-    pd.testing.assert_frame_equal(_table(copy, "sections"), _table(job, "sections"))
+    pd.testing.assert_frame_equal(read_table(copy, "sections"), read_table(job, "sections"))
 
 
 def test_stale_cache_is_recomputed(measured, tmp_path):
     job, spawn_steps, num_children = measured
-    copy = _copy_job(job, tmp_path / "run")
+    copy = copy_run(job, tmp_path / "run")
     sections.measure(copy, spawn_steps[:1] + spawn_steps[:1], num_children, **dict(SETTINGS, resolution=3))
-    table = _table(copy, "sections")
+    table = read_table(copy, "sections")
     assert len(table) == 9 * len(sections.MEASURES)
     assert set(table["spawn_epoch"]) == {0.0}
 
     # Corners and centre of the 3 x 3 grid are points of the 5 x 5 grid.
-    old = _table(job, "sections")
+    old = read_table(job, "sections")
     for (i, j), (k, l) in [((0, 0), (0, 0)), ((1, 1), (2, 2)), ((2, 2), (4, 4))]:
         new_rows = table[(table["a_index"] == i) & (table["b_index"] == j)].set_index("measure")["value"]
         old_rows = old[(old["spawn_epoch"] == 0.0) & (old["a_index"] == k) & (old["b_index"] == l)].set_index("measure")["value"]
