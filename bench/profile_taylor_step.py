@@ -33,7 +33,7 @@ flags.DEFINE_list("kinds", ["ordinary", "order1", "order2"], "Steps to profile."
 flags.DEFINE_integer("steps", 3, "Profiled calls of each step; the table shows the mean per call.")
 flags.DEFINE_integer("top", 12, "Op types listed per step.")
 
-# Trace lines whose events are ops run by TensorFlow's executor threads.
+# Name prefix of the trace lines that hold the ops run by TensorFlow's executor threads.
 EXECUTOR_LINE_PREFIX = "tf_Compute"
 
 

@@ -31,7 +31,7 @@ ESCAPE_COLUMNS = {
 TAGS = ("hessian/top_eigenvalue", "hessian/two_over_lr", "hessian/escape_threshold", "hessian/gd_escape_threshold")
 
 
-# The training losses that the `measured` fixture's stage run built.
+# Training losses built by the stage run in the `measured` fixture.
 BUILT_LOSSES = []
 
 

@@ -178,7 +178,7 @@ def measure(
         loss is taken; None uses the whole training set.
       batch_size: examples per batch when summing the loss over the subset. It changes memory
         and speed but not the result (except in bn_mode="train"), and it is part of the cache
-        key. One batch of 512 digits images is fastest on CPU. Lower it for large models,
+        key. One batch of 512 digit images is fastest on CPU. Lower it for large models,
         because a Hessian-vector product keeps several times the activations of a training step
         in memory.
       bn_mode: "inference" (batch norm with moving statistics) or "train" (with the statistics of

@@ -157,4 +157,7 @@ def escape_threshold_of_loss(
 
 def _check_learning_rate(learning_rate: float) -> None:
     if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}.")
+        raise ValueError(
+            f"learning_rate must be > 0, got {learning_rate!r}. Pass the learning rate of the SGD "
+            "steps to evaluate."
+        )
