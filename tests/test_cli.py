@@ -69,6 +69,21 @@ def test_presets_parse(preset):
     assert gin.query_parameter("main_job.dataset") in ("digits", "mnist1d", "cifar10", "cifar100")
 
 
+@pytest.mark.parametrize(
+    "binding, hint",
+    [
+        ("TrainingConfig.epoch = 3", "did you mean TrainingConfig.epochs?"),
+        ("TrainingConfig.zzz = 3", "TrainingConfig takes optimizer, learning_rate"),
+        ("TrainingConfig.epochs 3", "write bindings as 'Configurable.parameter = value'"),
+    ],
+)
+def test_bad_binding_hint(binding, hint):
+    with pytest.raises(config.ConfigError) as raised:
+        config.parse([], [binding])
+
+    assert hint in str(raised.value)
+
+
 def test_main_job_end_to_end_and_resume(tmp_path):
     run_dir = str(tmp_path / "run")
     config.parse([], TINY_BINDINGS)

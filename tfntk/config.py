@@ -6,9 +6,11 @@ newer no longer ship.
 
 from __future__ import annotations
 
-from typing import Sequence
-
+import difflib
+import inspect
+import re
 import tokenize
+from typing import Sequence
 
 import gin
 
@@ -42,16 +44,38 @@ def parse(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
         gin.parse_config_files_and_bindings(list(gin_files), [], finalize_config=False)
     except errors as error:
         message = " ".join(str(error).split())
-        raise ConfigError(f"Invalid gin configuration in {', '.join(gin_files)}: {message}") from error
+        raise ConfigError(
+            f"Invalid gin configuration in {', '.join(gin_files)}: {message}; {_fix_hint(message)}"
+        ) from error
     for binding in gin_params:
         try:
             gin.parse_config(binding)
         except errors as error:
             message = " ".join(str(error).split())
             raise ConfigError(
-                f"Invalid gin configuration in --gin_param {binding!r}: {message}; "
-                "write bindings as 'Configurable.parameter = value'."
+                f"Invalid gin configuration in --gin_param {binding!r}: {message}; {_fix_hint(message)}"
             ) from error
+
+
+UNKNOWN_PARAMETER = re.compile(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'")
+
+
+def _fix_hint(message: str) -> str:
+    """Returns what to do about a rejected binding, naming close parameter names where gin knows them."""
+    unknown = UNKNOWN_PARAMETER.search(message)
+    if unknown is None:
+        return "write bindings as 'Configurable.parameter = value'."
+    configurable, parameter = unknown.groups()
+    try:
+        # NOTE: gin's registry is internal API (gin-config 0.5); without it the hint is generic.
+        wrapped = gin.config._REGISTRY.get_match(configurable).wrapped  # pylint: disable=protected-access
+        names = list(inspect.signature(wrapped).parameters)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return f"check the parameter names of {configurable}."
+    close = difflib.get_close_matches(parameter, names, n=3)
+    if close:
+        return f"did you mean {', '.join(f'{configurable}.{name}' for name in close)}?"
+    return f"{configurable} takes {', '.join(names)}."
 
 
 def save_operative_config(path: str) -> None:
