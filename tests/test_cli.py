@@ -124,6 +124,12 @@ def test_main_job_end_to_end_and_resume(tmp_path):
     for name, table in before.items():
         pd.testing.assert_frame_equal(table, storage.read_csv(run.table(name)))
 
+    config_before = storage.read_text(run.config_gin)
+    config.parse([], ["TrainingConfig.epochs = 3.0"])
+    with pytest.raises(main_job.InvalidSettingError, match="finished at step .* new --run_dir"):
+        main_job.main_job(run_dir=run_dir, command="test")
+    assert storage.read_text(run.config_gin) == config_before
+
 
 def _run_cli(tmp_path, *arguments, environment=None):
     env = dict(os.environ, PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="", **(environment or {}))

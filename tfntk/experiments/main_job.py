@@ -32,7 +32,7 @@ from tfntk.experiments import common
 from tfntk.measures import basins, evaluation
 from tfntk.reporting import figures, html, tensorboard
 from tfntk.training import loop
-from tfntk.training.snapshots import CorruptCheckpointError
+from tfntk.training.snapshots import CorruptCheckpointError, SnapshotStore
 
 
 class InvalidSettingError(ValueError):
@@ -95,6 +95,7 @@ def main_job(
         job = common.Job(run, data, training, model, dict(model_kwargs or {}), seed, loop.make_strategy(strategy))
         job.new_model()
         spawn_steps = _validate(job, spawn_epochs, num_children, barrier_alphas)
+        _check_finished_parents(job)
         for stage in _stages():
             stage.measure(job, spawn_steps, num_children, validate_only=True)
     except (ValueError, TypeError) as error:
@@ -145,6 +146,25 @@ def _stages() -> list:
     from tfntk.experiments import curvature, kernel_dynamics, linearized, motion, sections
 
     return [motion, kernel_dynamics, curvature, linearized, sections]
+
+
+def _check_finished_parents(job: "common.Job") -> None:
+    """Raises if a finished parent in the run directory ends at another step than the settings.
+
+    A finished run is never trained further, so resuming it under changed training settings would
+    measure the old parents while `config.gin` claimed the new settings.
+    """
+    for index in range(2):
+        store = SnapshotStore(job.parent_paths(index))
+        if not store.is_done():
+            continue
+        final_step = int(store.read()["step"].max())
+        if final_step != job.total_steps:
+            raise ValueError(
+                f"Parent {index} in {job.run.root} finished at step {final_step}, but the settings "
+                f"give {job.total_steps} steps (TrainingConfig.epochs {job.training.epochs}). Use a "
+                "new --run_dir, or restore the training settings the run was made with."
+            )
 
 
 def _validate(job: "common.Job", spawn_epochs, num_children: int, barrier_alphas: int) -> list[int]:
