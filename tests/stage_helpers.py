@@ -15,8 +15,7 @@ def read_table(job, name):
 def copy_run(job, root, parents_only=False):
     """Returns the same job in a copy of its run directory at `root`.
 
-    With `parents_only`, only `parents/` is copied. Checkpoint paths recorded in the snapshot
-    tables still point at the original run.
+    With `parents_only`, only `parents/` is copied. The copy reads its own checkpoints.
     """
     if parents_only:
         shutil.copytree(os.path.join(job.run.root, "parents"), os.path.join(root, "parents"))

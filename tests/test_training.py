@@ -1,6 +1,9 @@
 """Training loop: determinism of children, resume, spawning, and distribution."""
 
+import dataclasses
+import glob
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -243,3 +246,21 @@ def test_mirrored_matches_single_replica():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MAX_DIFFERENCE" in result.stdout
+
+
+def test_copied_run_reads_own_checkpoints(trained_job, tmp_path):
+    job, _, _ = trained_job
+    copy = dataclasses.replace(job, run=storage.RunDir(str(tmp_path / "run")))
+    shutil.copytree(os.path.join(job.run.root, "parents"), os.path.join(copy.run.root, "parents"))
+    model = job.new_model()
+
+    table = SnapshotStore(copy.parent_paths(0)).read()
+    assert all(prefix.startswith(str(tmp_path)) for prefix in table["checkpoint"])
+    original = functional.flatten(job.weights_at(model, job.parent_paths(0)).trainable).numpy()
+    copied = functional.flatten(copy.weights_at(model, copy.parent_paths(0)).trainable).numpy()
+    np.testing.assert_array_equal(copied, original)
+
+    for name in glob.glob(os.path.join(copy.parent_paths(0).checkpoints, "*")):
+        os.remove(name)
+    with pytest.raises(CorruptCheckpointError, match="Cannot read checkpoint .* new --run_dir"):
+        copy.weights_at(model, copy.parent_paths(0))

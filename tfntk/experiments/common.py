@@ -16,7 +16,7 @@ from tfntk.autodiff import functional
 from tfntk.data import subsets
 from tfntk.data.datasets import Dataset
 from tfntk.training import loop, schedules
-from tfntk.training.snapshots import SnapshotStore
+from tfntk.training.snapshots import CorruptCheckpointError, SnapshotStore
 
 NUM_PARENTS = 2
 
@@ -121,8 +121,15 @@ class Job:
         table = SnapshotStore(paths).read()
         row = table.iloc[-1] if step is None else table[table["step"] == step].iloc[0]
         checkpoint = tf.train.Checkpoint(model=model)
-        status = checkpoint.read(str(row["checkpoint"]))
-        status.expect_partial()
+        prefix = str(row["checkpoint"])
+        try:
+            checkpoint.read(prefix).expect_partial()
+        except tf.errors.OpError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CorruptCheckpointError(
+                f"Cannot read checkpoint {prefix} of run {paths.name} ({first_line}); the run "
+                "directory is incomplete, so rerun it in a new --run_dir."
+            ) from error
         return functional.current_weights(model)
 
     def final_weights(self, model: keras.Model, paths: storage.RunPaths) -> functional.Weights:

@@ -8,6 +8,7 @@ epoch `step // steps_per_epoch`, batch `step % steps_per_epoch` of the order dra
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pandas as pd
 import tensorflow as tf
@@ -45,10 +46,19 @@ class SnapshotStore:
         storage.write_text_atomic(self.paths.done_marker, "done\n")
 
     def read(self) -> pd.DataFrame:
-        """Returns the snapshot table, empty (with its columns) when none was written yet."""
+        """Returns the snapshot table, empty (with its columns) when none was written yet.
+
+        Checkpoint prefixes are resolved inside this run's `checkpoints/` folder, whatever folder
+        they were written from, so a copied or moved run directory reads its own checkpoints.
+        """
         if not storage.exists(self.paths.snapshots_csv):
             return pd.DataFrame(columns=list(SNAPSHOT_COLUMNS))
-        return storage.read_csv(self.paths.snapshots_csv)
+        table = storage.read_csv(self.paths.snapshots_csv)
+        table["checkpoint"] = [
+            storage.join(self.paths.checkpoints, os.path.basename(str(prefix)))
+            for prefix in table["checkpoint"]
+        ]
+        return table
 
     def append(self, row: dict) -> pd.DataFrame:
         """Adds one row and rewrites `snapshots.csv` atomically; returns the new table."""
