@@ -61,7 +61,7 @@ UNKNOWN_PARAMETER = re.compile(r"Configurable '([\w.]+)' doesn't have a paramete
 
 
 def _fix_hint(message: str) -> str:
-    """Returns what to do about a rejected binding, naming close parameter names where gin knows them."""
+    """Returns what to do about a rejected binding, with close parameter names from gin's registry."""
     unknown = UNKNOWN_PARAMETER.search(message)
     if unknown is None:
         return "write bindings as 'Configurable.parameter = value'."
